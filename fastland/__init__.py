@@ -1,0 +1,3 @@
+"""fastland: a fast, trustworthy loss-landscape engine for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""User-facing errors: one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix: the message says what was wrong and what to do."""
+
+
+def cli_entry(main: F) -> F:
+    """Wrap a CLI ``main``: a ``UserError`` prints ``error: ...`` and exits 2; Ctrl-C exits 130."""
+
+    @functools.wraps(main)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("\ninterrupted: progress so far is saved; run the same command again to resume", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

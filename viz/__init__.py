@@ -1,0 +1,1 @@
+"""Rendering for fastland (installed as ``fastland.viz``); PyVista is imported lazily."""
