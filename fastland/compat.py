@@ -31,8 +31,7 @@ def _define_missing_schemas() -> None:
 
 def _has_schema(op: str) -> bool:
     try:
-        getattr(torch.ops.torchvision, op).default
-        return True
+        return getattr(torch.ops.torchvision, op).default is not None
     except (AttributeError, RuntimeError):
         return False
 

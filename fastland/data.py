@@ -209,7 +209,7 @@ def _templates() -> torch.Tensor:
     fine = torch.rand(NUM_CLASSES, 3, 8, 8, generator=gen)
     up = torch.nn.functional.interpolate
     t = 0.7 * up(coarse, size=32, mode="bicubic", align_corners=False) + 0.3 * up(fine, size=32, mode="bicubic", align_corners=False)
-    return t.clamp(0, 1)
+    return (0.5 + 0.6 * (t - 0.5)).clamp(0, 1)  # low contrast between classes: harder to learn
 
 
 @functools.lru_cache(maxsize=2)
@@ -230,7 +230,7 @@ def _synthetic_chunk(split: str, c0: int, m: int) -> tuple[torch.Tensor, torch.T
     templates = _templates()
     y = torch.randint(0, NUM_CLASSES, (m,), generator=gen)
     other = (y + torch.randint(1, NUM_CLASSES, (m,), generator=gen)) % NUM_CLASSES
-    mix = 0.45 * torch.rand(m, 1, 1, 1, generator=gen)
+    mix = 0.6 * torch.rand(m, 1, 1, 1, generator=gen)
     contrast = 0.6 + 0.8 * torch.rand(m, 1, 1, 1, generator=gen)
     bright = 0.2 * torch.randn(m, 3, 1, 1, generator=gen)
     x = (1 - mix) * templates[y] + mix * templates[other]
@@ -239,7 +239,7 @@ def _synthetic_chunk(split: str, c0: int, m: int) -> tuple[torch.Tensor, torch.T
     for sy, sx in torch.unique(shifts, dim=0).tolist():  # one roll per distinct translation
         sel = ((shifts[:, 0] == sy) & (shifts[:, 1] == sx)).nonzero().squeeze(1)
         x[sel] = torch.roll(x[sel], shifts=(sy, sx), dims=(2, 3))
-    x = x + 0.18 * torch.randn(m, 3, 32, 32, generator=gen)
+    x = x + 0.3 * torch.randn(m, 3, 32, 32, generator=gen)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 

@@ -82,7 +82,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); it may be corrupt: retrain or pick another file") from None
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}); it may be corrupt: retrain or pick another file"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
         raise UserError(f"checkpoint {path} is not a fastland checkpoint (expected keys 'model' and 'state_dict')")
     return ckpt

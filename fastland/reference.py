@@ -54,7 +54,7 @@ class ReferenceEvaluator:
         self.dirs = dirs.to(evalset.device)
         self.evalset = evalset
         self.batch_size = int(batch_size)
-        self.chunk_size = 1
+        self.chunk_size = 32  # points per saved chunk: a few seconds of work at most
 
     @torch.no_grad()
     def evaluate(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,11 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def _plain(v: Any) -> Any:
+    """h5py stores only plain str (not str subclasses such as torch's version string)."""
+    return str(v) if isinstance(v, str) else v
+
+
 def create(path: Path, x: np.ndarray, y: np.ndarray | None, directions: list[dict[str, np.ndarray]],
            attrs: dict[str, Any]) -> None:
     """Create a fresh surface file with every dataset allocated (NaN losses, done=0)."""
@@ -73,12 +78,12 @@ def create(path: Path, x: np.ndarray, y: np.ndarray | None, directions: list[dic
         f.create_dataset(f"{split}_loss", data=nan)
         f.create_dataset(f"{split}_acc", data=nan)
         f.create_dataset("done", data=np.zeros(shape, dtype=np.uint8))
-        for group, tensors in zip(("xdirection", "ydirection"), directions):
+        for group, tensors in zip(("xdirection", "ydirection"), directions, strict=False):
             g = f.create_group(group)
             for name, value in tensors.items():
                 g.create_dataset(name, data=value)
         for k, v in attrs.items():
-            f.attrs[k] = v
+            f.attrs[k] = _plain(v)
     tmp.replace(path)  # the file appears complete or not at all
 
 
@@ -151,7 +156,7 @@ class Writer:
 
     def finish(self, attrs: dict[str, Any]) -> None:
         for k, v in attrs.items():
-            self.f.attrs[k] = v
+            self.f.attrs[k] = _plain(v)
         self.close()
 
     def close(self) -> None:
@@ -176,3 +181,8 @@ def read(path: str | Path) -> Surface:
     except (OSError, KeyError) as err:
         raise UserError(f"{path} is not a fastland surface file ({err})") from None
     return Surface(path, x, y, loss, acc, done, attrs)
+
+
+def settings_of_open(f: h5py.File) -> dict[str, Any]:
+    """Attributes of an already open file."""
+    return {k: _norm(v) for k, v in f.attrs.items()}
