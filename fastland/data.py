@@ -31,7 +31,7 @@ SYNTHETIC_WARNING = "CIFAR-10 unavailable: synthetic data used instead"
 
 
 def default_root() -> Path:
-    """Where CIFAR-10 lives: ``$FASTLAND_DATA`` or ``./data``."""
+    """Where CIFAR-10 lives: ``$FASTLAND_DATA`` or ``./data``. (``$FASTLAND_OFFLINE=1`` skips downloads.)"""
     return Path(os.environ.get("FASTLAND_DATA", "data"))
 
 
@@ -114,6 +114,7 @@ def load(
         raise UserError(f"unknown --split {split!r}; use train or test")
     n_wanted = parse_samples(samples)
     root = Path(root) if root is not None else default_root()
+    download = download and not os.environ.get("FASTLAND_OFFLINE")  # FASTLAND_OFFLINE=1: never try the network
     warning = None
     if data == "synthetic":
         images, labels, source = *synthetic(split), "synthetic"

@@ -35,9 +35,10 @@ def segment_scales(d: torch.Tensor, theta: torch.Tensor, segments: torch.Tensor,
         return torch.ones(segments.shape[0], dtype=torch.float32, device=d.device)
     seg = segments.to(d.device)
     ids = torch.repeat_interleave(torch.arange(seg.shape[0], device=d.device), seg[:, 1])
-    d2 = torch.zeros(seg.shape[0], dtype=torch.float32, device=d.device).index_add_(0, ids, d.float() ** 2)
-    t2 = torch.zeros(seg.shape[0], dtype=torch.float32, device=d.device).index_add_(0, ids, theta.float() ** 2)
-    return t2.sqrt() / (d2.sqrt() + EPS)
+    # Sums of squares in fp64: this is the reference, so it should not carry fp32 rounding over 2M-element layers.
+    d2 = torch.zeros(seg.shape[0], dtype=torch.float64, device=d.device).index_add_(0, ids, d.double() ** 2)
+    t2 = torch.zeros(seg.shape[0], dtype=torch.float64, device=d.device).index_add_(0, ids, theta.double() ** 2)
+    return (t2.sqrt() / (d2.sqrt() + EPS)).float()
 
 
 def normalize_reference(

@@ -25,7 +25,7 @@ import fastland
 from fastland import data as data_mod
 from fastland import device as device_mod
 from fastland import directions, models, surfacefile
-from fastland.errors import UserError, cli_entry
+from fastland.errors import ArgumentParser, UserError, cli_entry
 from fastland.params import FlatSpace
 from fastland.reference import BN_MODES, ReferenceEvaluator
 from fastland.train import TrainConfig, default_run_dir, train
@@ -71,7 +71,7 @@ def default_engine() -> str:
 
 # --- argument handling ----------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fastland.surface", description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
