@@ -80,13 +80,17 @@ def perturb_reference(
 def normalize(d: torch.Tensor, theta: torch.Tensor, space: FlatSpace, norm: str = "filter",
               ignore: str = "biasbn") -> torch.Tensor:
     """Normalize a flat direction ``[N]`` against θ; see ``normalize_reference``."""
-    return normalize_reference(d, theta, space.segments(norm), norm, ignore)
+    from fastland.kernels import dispatch  # Triton on CUDA, this module's reference on CPU
+
+    return dispatch.normalize(d, theta, space.segments(norm), norm, ignore)
 
 
 def perturb(theta: torch.Tensor, dirs: torch.Tensor, coords: torch.Tensor,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Perturbed weights ``[P, N]`` for grid points ``coords [P, D]``."""
-    return perturb_reference(theta, dirs, coords, dtype)
+    from fastland.kernels import dispatch  # Triton on CUDA, this module's reference on CPU
+
+    return dispatch.perturb(theta, dirs, coords, dtype)
 
 
 def make(space: FlatSpace, theta: torch.Tensor, dim: int = 2, seed: int = 0, norm: str = "filter",
