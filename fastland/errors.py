@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -35,7 +36,14 @@ def cli_entry(main: F) -> F:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: ... (see --help)`` and exit 2, no usage dump."""
+    """argparse with one-line errors: ``error: ... (see --help)`` and exit 2, no usage dump.
+
+    It also reads ``-1e-3`` as a negative number rather than an option.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
