@@ -1,19 +1,29 @@
-"""``python -m fastland.train``: train a model from cached tensors, one checkpoint per epoch.
+"""``python -m fastland.train``: train a model with Santurkar et al.'s smoothness probes.
 
-Defaults follow the seed: Adam, lr 0.01, batch 128, 20 epochs, cross-entropy, no
-augmentation. A ``probe`` callback (the Santurkar smoothness probes) sees every step
-between the gradient computation and the optimizer update.
+Presets: ``seed`` (the default; Adam, lr 0.01, batch 128, 20 epochs, cross-entropy, no
+augmentation) and ``santurkar`` (plain SGD, lr 0.1, batch 128, 20 epochs); any option
+given on the command line overrides its preset value. By default every training step is
+probed (as in the paper): on the step's own minibatch, with g = ∇L(θ_t), the loss and the
+gradient are measured at θ_t − η·g for every η in H, and ``metrics.csv`` receives the loss
+variation, gradient predictiveness and effective β-smoothness (see ``fastland.probes``).
+A probe never changes training: the optimizer's update is the one it would have been.
+
+The run directory holds ``config.json``, ``epoch_XXX.pt`` after each epoch, ``final.pt``,
+``metrics.csv`` + ``metrics.json`` (probe settings) and ``smoothness.png``. Re-running the
+same command resumes after the last complete epoch; ``--compare lenet lenet_bn`` trains
+both side by side and overlays their probes in one figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -21,17 +31,18 @@ from tqdm import tqdm
 
 from fastland import data as data_mod
 from fastland import device as device_mod
-from fastland import models
+from fastland import models, probes
 from fastland.errors import UserError, cli_entry
-
-# probe(step, model, x, y, loss) is called after backward() and before optimizer.step();
-# the gradients are in p.grad. It must not change parameters, gradients or buffers.
-Probe = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
+from fastland.probes import ProbeConfig
 
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a run; saved as ``config.json`` in the run directory."""
+    """Every hyper-parameter of a run; saved as ``config.json`` in the run directory.
+
+    These, and only these, decide the weights; the probe settings (which never change
+    training) are saved next to the metrics they produce, in ``metrics.json``.
+    """
 
     model: str = "lenet_bn"
     data: str = "auto"
@@ -46,12 +57,22 @@ class TrainConfig:
     device: str = "auto"
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's experiment.
+    "seed": {"optimizer": "adam", "lr": 0.01, "batch": 128, "epochs": 20, "momentum": 0.0, "weight_decay": 0.0},
+    # Santurkar et al.'s VGG runs: SGD at lr 0.1, batch 128, no augmentation. Plain SGD
+    # (no momentum), so that the probed line θ − η·g contains the step actually taken.
+    "santurkar": {"optimizer": "sgd", "lr": 0.1, "batch": 128, "epochs": 20, "momentum": 0.0, "weight_decay": 0.0},
+}
+
+
 def default_run_dir(model: str, source: str) -> Path:
     """Where the cached checkpoint for ``model`` on ``source`` data lives."""
     return Path("runs") / f"{model}-{source}"
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam or SGD with the config's learning rate, momentum and weight decay."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -60,13 +81,21 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
 
 
 def check_config(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot train, with a message that says what to change."""
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch < 2:
         raise UserError(f"--batch must be at least 2 (BatchNorm needs 2 samples), got {cfg.batch}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise UserError(f"unknown --optimizer {cfg.optimizer!r}; use adam or sgd")
+    if not (cfg.momentum >= 0 and math.isfinite(cfg.momentum)):
+        raise UserError(f"--momentum must be a number >= 0, got {cfg.momentum}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise UserError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
     models.create(cfg.model)  # validates the name
+    data_mod.parse_samples(cfg.samples)
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -75,14 +104,103 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
-def train(cfg: TrainConfig, out: Path, probe: Probe | None = None, progress: bool = True,
+# --- metrics.csv ------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def truncate_metrics(path: Path, before_step: int) -> tuple[list[str] | None, int]:
+    """Keep only the rows of ``metrics.csv`` with ``step < before_step``: the rows that the
+    checkpoint being resumed from has seen. A torn last line (a crash mid-write) goes too.
+
+    Returns the file's header (None if there is no file) and the number of rows kept.
+    """
+    if not path.exists():
+        return None, 0
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return None, 0
+    header = next(csv.reader([lines[0]]))
+    step_col = header.index("step") if "step" in header else 1
+    kept = [lines[0]]
+    for line in lines[1:]:
+        fields = next(csv.reader([line]), [])
+        if not line.endswith("\n") or len(fields) != len(header):
+            break
+        if int(fields[step_col]) >= before_step:
+            break
+        kept.append(line)
+    if len(kept) != len(lines):
+        _write_atomic(path, "".join(kept))
+    return header, len(kept) - 1
+
+
+class MetricsLog:
+    """Appends probe rows to ``metrics.csv``, one flushed row at a time, so a crash or a
+    divergence keeps everything recorded; ``metrics.json`` says how they were measured."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], columns: list[str], start_step: int) -> None:
+        self.path = out / "metrics.csv"
+        self.meta_path = out / "metrics.json"
+        header, kept = truncate_metrics(self.path, start_step)
+        old = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
+        if kept and (header != columns or old.get("probe") != settings):
+            raise UserError(f"{self.path} holds {kept} rows probed with other settings ({old.get('probe')}); "
+                            f"use the same --probe-* options to resume, or another --out")
+        self.meta: dict[str, Any] = {"probe": settings, "columns": columns}
+        if kept and old.get("chosen"):
+            self.meta |= {k: old[k] for k in ("chosen", "timings_s", "device") if k in old}
+        self.write_meta()
+        self.rows = kept
+        fresh = header is None or not kept
+        self._file = open(self.path, "w" if fresh else "a", newline="")  # closed by close()
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        if fresh:
+            self._writer.writerow(columns)
+            self._file.flush()
+
+    def write_meta(self) -> None:
+        _write_atomic(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
+
+    def write(self, row: list[float | int]) -> None:
+        self._writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
+        self._file.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _setup_probe(probe: ProbeConfig, cfg: TrainConfig, model: nn.Module, out: Path, start_step: int,
+                 dev: torch.device) -> tuple[probes.SmoothnessProbe, MetricsLog]:
+    etas = probe.resolve(cfg.lr)
+    settings = {"every": probe.every, "etas": list(etas), "mode": probe.mode}
+    log = MetricsLog(out, settings, probes.metric_columns(len(etas)), start_step)
+    prober = probes.SmoothnessProbe(model, etas, probe.mode)
+    # auto: a resumed run keeps the path it chose at its start, so its rows stay bit-identical
+    if probe.mode == "auto" and log.meta.get("chosen") and log.meta.get("device") == device_mod.describe(dev):
+        prober.chosen = log.meta["chosen"]
+    return prober, log
+
+
+# --- training ---------------------------------------------------------------------------
+def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progress: bool = True,
           trainset: data_mod.EvalSet | None = None) -> Path:
     """Train (or resume) a run in ``out``; returns the path of ``final.pt``.
 
-    Writes ``epoch_XXX.pt`` after each epoch and ``final.pt`` at the end. An existing
-    run directory with the same config resumes after its last complete epoch.
+    Writes ``epoch_XXX.pt`` after each epoch and ``final.pt`` at the end. An existing run
+    directory with the same config resumes after its last complete epoch; ``metrics.csv``
+    is cut back to that epoch's last step, so the rows that follow are the ones an
+    uninterrupted run writes. With ``probe``, the smoothness probes run every
+    ``probe.every`` steps between ``backward()`` and ``optimizer.step()``.
+    A non-finite loss stops the run with a ``UserError``; what was recorded is kept.
     """
     check_config(cfg)
+    if probe is not None:
+        probe.check()
     dev = device_mod.resolve(cfg.device)
     out = Path(out)
     final = out / "final.pt"
@@ -109,85 +227,196 @@ def train(cfg: TrainConfig, out: Path, probe: Probe | None = None, progress: boo
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch = int(ckpt["meta"]["epoch"])
+        meta = dict(ckpt["meta"])  # final.pt's meta if every epoch was already done
         if progress:
             print(f"resuming {out} after epoch {start_epoch}")
     n = len(trainset)
     steps = math.ceil(n / cfg.batch)
     step = start_epoch * steps
+    prober, log, every = None, None, 0
+    if probe is not None:
+        every = probe.every
+        prober, log = _setup_probe(probe, cfg, model, out, step, dev)
+    else:
+        truncate_metrics(out / "metrics.csv", step)
     meta_base = {"data": trainset.attrs(), "optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
                  "seed": cfg.seed}
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = epoch_order(n, cfg.seed, epoch, dev)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        loss_sum, correct, t0 = 0.0, 0, time.perf_counter()
-        for b in bar:
-            idx = order[b * cfg.batch : (b + 1) * cfg.batch]
-            if idx.numel() < 2 and models.has_batchnorm(model):
-                continue  # a batch of one cannot be batch-normalized
-            x = trainset.normalize(trainset.images[idx])
-            y = trainset.labels[idx]
-            opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            loss.backward()
-            if not torch.isfinite(loss):
-                raise UserError(f"training diverged at epoch {epoch + 1}, step {step}: loss is {float(loss)}; "
-                                f"checkpoints up to epoch {epoch} are kept in {out}; try a smaller --lr")
-            if probe is not None:
-                probe(step, model, x, y, loss.detach())
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            if b % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        meta = meta_base | {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / n,
-                            "train_acc": 100.0 * correct / n, "epoch_seconds": time.perf_counter() - t0}
-        models.save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", cfg.model, model, meta,
-                               extra={"optimizer": opt.state_dict()})
-        if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {meta['train_loss']:.4f}, acc {meta['train_acc']:.1f}%, "
-                  f"{meta['epoch_seconds']:.1f}s")
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = epoch_order(n, cfg.seed, epoch, dev)
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            loss_sum, correct, t0, probe_s = 0.0, 0, time.perf_counter(), 0.0
+            for b in bar:
+                idx = order[b * cfg.batch : (b + 1) * cfg.batch]
+                if idx.numel() < 2 and models.has_batchnorm(model):
+                    continue  # a batch of one cannot be batch-normalized
+                x = trainset.normalize(trainset.images[idx])
+                y = trainset.labels[idx]
+                opt.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                loss.backward()
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    kept = f" and {log.rows} probe rows in metrics.csv" if log is not None else ""
+                    raise UserError(f"training diverged at epoch {epoch + 1}, step {step}: loss is {loss_value}; "
+                                    f"checkpoints up to epoch {epoch}{kept} are kept in {out}; try a smaller --lr")
+                hits = int((logits.detach().argmax(1) == y).sum())
+                if prober is not None and log is not None and step % every == 0:
+                    tp = time.perf_counter()
+                    result = prober(model, x, y)
+                    probe_s += time.perf_counter() - tp
+                    log.write(probes.metric_row(epoch + 1, step, loss_value, 100.0 * hits / len(idx), result))
+                    if "chosen" not in log.meta:
+                        log.meta |= {"chosen": prober.chosen, "timings_s": prober.timings,
+                                     "device": device_mod.describe(dev)}
+                        log.write_meta()
+                opt.step()
+                step += 1
+                loss_sum += loss_value * len(idx)
+                correct += hits
+                if b % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+            meta = meta_base | {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / n,
+                                "train_acc": 100.0 * correct / n, "epoch_seconds": time.perf_counter() - t0,
+                                "probe_seconds": probe_s}
+            models.save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", cfg.model, model, meta,
+                                   extra={"optimizer": opt.state_dict()})
+            if progress:
+                probed = f" (probes {probe_s:.1f}s, {prober.chosen})" if prober is not None else ""
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {meta['train_loss']:.4f}, acc {meta['train_acc']:.1f}%, "
+                      f"{meta['epoch_seconds']:.1f}s{probed}")
+    finally:
+        if log is not None:
+            log.close()
     models.save_checkpoint(final, cfg.model, model, meta)
     return final
 
 
+# --- command line -----------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line and exit 2, like every UserError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m fastland.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, choices=models.MODELS, help="architecture to train")
-    p.add_argument("--data", default=d.data, choices=data_mod.SOURCES,
-                   help="cifar10, synthetic, or auto (CIFAR-10 if present or downloadable, else synthetic)")
-    p.add_argument("--samples", default=d.samples, help="training samples: a number (seeded subset) or 'all'")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    p.add_argument("--batch", type=int, default=d.batch, help="minibatch size")
-    p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"), help="optimizer")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for initialization, data subset and order")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", default=None, help="run directory (default runs/MODEL-SOURCE)")
+    """The ``python -m fastland.train`` options; hyper-parameters default to the preset's."""
+    d, s = TrainConfig(), PRESETS["seed"]
+    p = _Parser(prog="python -m fastland.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None,
+                       help=f"architecture: {', '.join(models.MODELS)} (default {d.model})")
+    which.add_argument("--compare", nargs="+", metavar="MODEL", default=None,
+                       help="train several models with the same settings, e.g. '--compare lenet lenet_bn', into "
+                            "OUT/MODEL side by side, and overlay their probes in OUT/smoothness.png")
+    g.add_argument("--data", default=d.data, choices=data_mod.SOURCES,
+                   help="cifar10, synthetic, or auto (CIFAR-10 if present or downloadable, else synthetic; default auto)")
+    g.add_argument("--samples", default=d.samples,
+                   help="training samples: a number (a seeded subset) or 'all' (default all)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initialization, the data subset and the per-epoch sample order (default 0)")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--out", default=None,
+                   help="run directory (default runs/MODEL-SOURCE); with --compare the parent folder "
+                        "(default runs/compare-MODEL1-MODEL2-SOURCE)")
+
+    h = p.add_argument_group("hyper-parameters (defaults come from --preset; any option given overrides it)")
+    h.add_argument("--preset", default="seed", choices=tuple(PRESETS),
+                   help="seed: Adam, lr 0.01, batch 128, 20 epochs (default); santurkar: plain SGD, lr 0.1, batch 128, "
+                        "20 epochs. Both: cross-entropy, no augmentation, no weight decay")
+    h.add_argument("--optimizer", default=None, help=f"adam or sgd (seed: {s['optimizer']})")
+    h.add_argument("--lr", type=float, default=None, help=f"learning rate (seed: {s['lr']}, santurkar: 0.1)")
+    h.add_argument("--batch", type=int, default=None, help=f"minibatch size (seed: {s['batch']})")
+    h.add_argument("--epochs", type=int, default=None, help=f"number of epochs (seed: {s['epochs']})")
+    h.add_argument("--momentum", type=float, default=None, help="SGD momentum (0)")
+    h.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (0)")
+
+    q = p.add_argument_group("smoothness probes (Santurkar et al.; on by default, at every step)")
+    q.add_argument("--probe-every", type=int, default=1, metavar="K",
+                   help="probe every K-th training step (default 1: every step, as the paper)")
+    q.add_argument("--probe-steps", default=None, metavar="LIST",
+                   help="the step lengths η of H, an explicit list such as 0.005,0.01,0.02 (default: --probe-count "
+                        "values spaced linearly from 0.5·lr to 4·lr, i.e. {0.5, 1.0, ..., 4.0}·lr, which contains lr)")
+    q.add_argument("--probe-count", type=int, default=probes.ETA_COUNT, metavar="N",
+                   help="how many step lengths the default grid has (default 8)")
+    q.add_argument("--probe-mode", default="auto", choices=probes.MODES,
+                   help="batched: all perturbed gradients in one vmap(grad) call; sequential: one after another; "
+                        "auto (default): time both on the first probed minibatch and keep the faster")
+    q.add_argument("--no-probe", action="store_true", help="train without probes (no metrics.csv)")
     return p
+
+
+def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
+    """The ``TrainConfig`` of ``model``: preset values, overridden by the options given."""
+    preset = PRESETS[args.preset]
+    values = {k: getattr(args, k) if getattr(args, k) is not None else preset[k]
+              for k in ("optimizer", "lr", "batch", "epochs", "momentum", "weight_decay")}
+    return TrainConfig(model=model, data=args.data, samples=args.samples, seed=args.seed, device=args.device, **values)
+
+
+def probe_from_args(args: argparse.Namespace) -> ProbeConfig | None:
+    """The probe settings the options ask for (None with ``--no-probe``)."""
+    if args.no_probe:
+        return None
+    etas = probes.parse_etas(args.probe_steps) if args.probe_steps is not None else None
+    probe = ProbeConfig(every=args.probe_every, etas=etas, count=args.probe_count, mode=args.probe_mode)
+    probe.check()
+    return probe
+
+
+def _run(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, trainset: data_mod.EvalSet) -> Path:
+    """Train one run and plot its probes; a diverged run gets its plot too, then the error."""
+    from fastland import trainplots  # matplotlib is only needed here
+
+    try:
+        final = train(cfg, out, probe, trainset=trainset)
+    finally:
+        if probe is not None and (out / "metrics.csv").exists():
+            trainplots.plot_runs({cfg.model: out}, out / "smoothness.png", title=f"{cfg.model} ({cfg.optimizer}, lr {cfg.lr})")
+    meta = models.read_checkpoint(final)["meta"]
+    note = f", probes -> {out / 'metrics.csv'}" if probe is not None else ""
+    print(f"{cfg.model}: final train loss {meta.get('train_loss', float('nan')):.4f}, "
+          f"acc {meta.get('train_acc', float('nan')):.1f}% -> {final}{note}")
+    return final
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m fastland.train``."""
     args = build_parser().parse_args(argv)
-    cfg = TrainConfig(model=args.model, data=args.data, samples=args.samples, epochs=args.epochs, lr=args.lr,
-                      batch=args.batch, optimizer=args.optimizer, momentum=args.momentum,
-                      weight_decay=args.weight_decay, seed=args.seed, device=args.device)
-    check_config(cfg)
-    dev = device_mod.resolve(cfg.device)
-    trainset = data_mod.load(cfg.data, "train", cfg.samples, seed=cfg.seed, device=dev)
-    out = Path(args.out) if args.out else default_run_dir(cfg.model, trainset.source)
+    names = args.compare or [args.model or TrainConfig().model]
+    if args.compare is not None and len(set(names)) < 2:
+        raise UserError("--compare needs at least two different models, e.g. --compare lenet lenet_bn")
+    cfgs = [config_from_args(args, name) for name in names]
+    for cfg in cfgs:
+        check_config(cfg)
+    probe = probe_from_args(args)
+    dev = device_mod.resolve(cfgs[0].device)
+    trainset = data_mod.load(cfgs[0].data, "train", cfgs[0].samples, seed=cfgs[0].seed, device=dev)
     t0 = time.perf_counter()
-    final = train(cfg, out, trainset=trainset)
-    meta = models.read_checkpoint(final)["meta"]
-    print(f"done in {time.perf_counter() - t0:.1f}s: final train loss {meta.get('train_loss', float('nan')):.4f}, "
-          f"acc {meta.get('train_acc', float('nan')):.1f}% -> {final}")
+    if args.compare is None:
+        out = Path(args.out) if args.out else default_run_dir(cfgs[0].model, trainset.source)
+        _run(cfgs[0], out, probe, trainset)
+    else:
+        from fastland import trainplots
+
+        parent = Path(args.out) if args.out else Path("runs") / f"compare-{'-'.join(names)}-{trainset.source}"
+        runs = {cfg.model: parent / cfg.model for cfg in cfgs}
+        try:
+            for cfg in cfgs:
+                _run(cfg, runs[cfg.model], probe, trainset)
+        finally:
+            have = {m: d for m, d in runs.items() if (d / "metrics.csv").exists()}
+            if probe is not None and have:
+                trainplots.plot_runs(have, parent / "smoothness.png",
+                                     title=f"{' vs '.join(names)} ({cfgs[0].optimizer}, lr {cfgs[0].lr})")
+        if probe is not None:
+            print(f"comparison plot -> {parent / 'smoothness.png'}")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":
