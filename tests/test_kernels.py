@@ -138,6 +138,11 @@ def test_bad_tables_are_rejected() -> None:
     d = _randn(n, seed=1)
     with pytest.raises(ValueError, match="cover"):
         dispatch.normalize(d, d, gap, backend="triton")
+    table = good.clone()
+    dispatch.normalize(d, d, table, backend="triton", out=_nan(n))  # validated and cached ...
+    table[3, 0] += 1
+    with pytest.raises(ValueError, match="cover"):  # ... until it is changed in place
+        dispatch.normalize(d, d, table, backend="triton")
 
 
 # --- segment scales and normalization ----------------------------------------------------------
