@@ -1,0 +1,170 @@
+"""What to draw and what to say about it, shared by the matplotlib and PyVista renderers.
+
+A loss surface is awkward to draw honestly: losses far from the minimum grow by orders of
+magnitude, diverged points are NaN or inf, and a surface still being computed has holes.
+``scaled`` turns one quantity of a surface into display values plus a list of notes that the
+image prints, so every renderer handles these cases the same way and says so.
+
+This module must not import PyVista: the matplotlib plots use it on machines without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from matplotlib.ticker import LogLocator, MaxNLocator
+
+from fastland.surfacefile import Surface
+
+# The colour (and height) range is clipped at this percentile when the few points above it
+# would otherwise take more than half of the range (stretch it by more than CLIP_STRETCH times
+# the rest). A quadratic bowl on a square grid stretches it by 0.34 and stays unclipped; the
+# exploding corners of a Li et al.-style landscape stretch it several times over.
+CLIP_PERCENTILE = 95.0
+CLIP_STRETCH = 1.0
+# Log scale is chosen automatically when the finite positive losses span this many decades.
+AUTO_LOG_DECADES = 2.0
+
+QUANTITIES = ("loss", "acc")
+
+
+@dataclass
+class Scaled:
+    """One quantity of a surface, ready to draw.
+
+    ``raw`` holds the values as stored (NaN where not evaluated). ``z`` holds display values
+    (log10 of the loss on a log scale), NaN where nothing can be drawn: points not yet
+    evaluated (``missing``) and evaluated points whose value is NaN or inf (``diverged``).
+    ``clim`` is the colour and height range; values above ``clim[1]`` exist only when it was
+    clipped, and ``notes`` says so.
+    """
+
+    z: np.ndarray
+    raw: np.ndarray
+    clim: tuple[float, float]
+    label: str
+    log: bool
+    missing: np.ndarray
+    diverged: np.ndarray
+    clipped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self, diverged: str, missing: str) -> list[str]:
+        """The notes plus one line each for diverged and unevaluated points, saying how they are drawn."""
+        out = list(self.notes)
+        if self.diverged.any():
+            n_nan = int(np.isnan(self.raw[self.diverged]).sum())
+            n_inf = int(self.diverged.sum()) - n_nan
+            out.append(f"{int(self.diverged.sum())} points diverged ({n_nan} NaN, {n_inf} inf): {diverged}")
+        if self.missing.any():
+            out.append(f"{int(self.missing.sum())} of {self.missing.size} points not evaluated yet: {missing}")
+        return out
+
+    def best(self, quantity: str) -> tuple[int, ...] | None:
+        """Index of the minimum loss (maximum accuracy) among drawable points, or None."""
+        if np.all(np.isnan(self.z)):
+            return None
+        flat = np.nanargmax(self.z) if quantity == "acc" else np.nanargmin(self.z)
+        return tuple(int(i) for i in np.unravel_index(flat, self.z.shape))
+
+
+def values_of(surface: Surface, quantity: str) -> np.ndarray:
+    """The raw array of ``quantity`` ('loss' or 'acc') with unevaluated points set to NaN."""
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {QUANTITIES}, not {quantity!r}")
+    values = np.asarray(surface.loss if quantity == "loss" else surface.acc, dtype=np.float64)
+    return np.where(surface.done.astype(bool), values, np.nan)
+
+
+def spans_decades(surface: Surface) -> bool:
+    """True when the finite positive losses span enough decades that a linear scale hides the minimum."""
+    v = values_of(surface, "loss")
+    v = v[np.isfinite(v) & (v > 0)]
+    return v.size > 1 and np.log10(v.max() / v.min()) >= AUTO_LOG_DECADES
+
+
+def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: bool = True) -> Scaled:
+    """Display values, colour range and notes for one quantity of ``surface``.
+
+    Log scale applies to the loss only. Values <= 0 cannot be shown on it; they are drawn at the
+    smallest positive loss. With ``robust`` the loss range is clipped at a high percentile when
+    a few extreme points (typically the corners of the grid) would squash the rest.
+    """
+    values = values_of(surface, quantity)
+    missing = surface.done == 0
+    diverged = ~missing & ~np.isfinite(values)
+    notes: list[str] = []
+    log = log and quantity == "loss"
+    z = np.where(diverged, np.nan, values)
+
+    if log:
+        positive = z[np.isfinite(z) & (z > 0)]
+        nonpositive = np.isfinite(z) & (z <= 0)
+        if positive.size == 0:
+            floor = 1e-12
+            notes.append("no positive loss: log scale is empty")
+        else:
+            floor = float(positive.min())
+        if nonpositive.any():
+            notes.append(f"{int(nonpositive.sum())} losses <= 0 drawn at the smallest positive loss {floor:.3g}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.log10(np.where(nonpositive, floor, z))
+
+    finite = z[np.isfinite(z)]
+    if finite.size == 0:
+        clim = (0.0, 1.0)
+    else:
+        clim = (float(finite.min()), float(finite.max()))
+    clipped = False
+    if robust and quantity == "loss" and finite.size > 1:
+        top = float(np.percentile(finite, CLIP_PERCENTILE))
+        if clim[1] - top > CLIP_STRETCH * (top - clim[0]):
+            clipped = True
+            above = int((finite > top).sum())
+            shown = 10**top if log else top
+            notes.append(
+                f"colour and height clipped at the {CLIP_PERCENTILE:g}th percentile (loss {shown:.3g}); "
+                f"{above} higher points drawn flat at the top (max {(10 ** clim[1] if log else clim[1]):.3g})"
+            )
+            clim = (clim[0], top)
+    if clim[1] <= clim[0]:  # a flat surface still needs a non-empty range
+        clim = (clim[0] - 0.5, clim[0] + 0.5)
+
+    if quantity == "acc":
+        label = "accuracy (%)"
+    else:
+        label = f"{surface.split} loss" + (" (log scale)" if log else "")
+    return Scaled(z, values, clim, label, log, missing, diverged, clipped, notes)
+
+
+def shared_clim(parts: list[Scaled]) -> tuple[float, float]:
+    """One colour range covering every panel, for comparisons on a common scale."""
+    return min(p.clim[0] for p in parts), max(p.clim[1] for p in parts)
+
+
+def ticks(lo: float, hi: float, log: bool) -> list[tuple[float, str]]:
+    """Tick positions (in display values) and labels for a loss axis; whole decades on a log scale."""
+    if log:
+        values = LogLocator().tick_values(10**lo, 10**hi)
+        values = values[(values >= 10**lo * 0.999) & (values <= 10**hi * 1.001)]
+        if len(values) < 2:
+            values = np.geomspace(10**lo, 10**hi, 4)
+        return [(float(np.log10(v)), f"{v:.3g}") for v in values]
+    eps = 1e-9 * (hi - lo)
+    return [(float(v), f"{v:.3g}") for v in MaxNLocator(5).tick_values(lo, hi) if lo - eps <= v <= hi + eps]
+
+
+def title(surface: Surface) -> str:
+    """Two lines that say what was run: model, split and grid; then BN mode, normalization, data."""
+    a = surface.attrs
+    n = f"{len(surface.x)} points" if surface.y is None else f"{len(surface.x)}×{len(surface.y)} grid"
+    first = f"{a.get('model', surface.path.stem)}  ·  {surface.split} split  ·  {n}"
+    second = "  ·  ".join(f"{key}={a[key]}" for key in ("bn_mode", "norm", "data_source") if a.get(key))
+    return f"{first}\n{second}" if second else first
+
+
+def warning(surface: Surface) -> str:
+    """The data warning to print on every image ('' when the run used real CIFAR-10)."""
+    w = str(surface.attrs.get("data_warning", "") or "")
+    return f"WARNING: {w}" if w else ""
