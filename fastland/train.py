@@ -259,9 +259,10 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
                 loss.backward()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
-                    kept = f" and {log.rows} probe rows in metrics.csv" if log is not None else ""
+                    kept = [f"the checkpoints of epochs 1-{epoch}"] if epoch else []
+                    kept += [f"{log.rows} probe rows in metrics.csv"] if log is not None else []
                     raise UserError(f"training diverged at epoch {epoch + 1}, step {step}: loss is {loss_value}; "
-                                    f"checkpoints up to epoch {epoch}{kept} are kept in {out}; try a smaller --lr")
+                                    f"{' and '.join(kept) or 'the config'} kept in {out}; try a smaller --lr")
                 hits = int((logits.detach().argmax(1) == y).sum())
                 if prober is not None and log is not None and step % every == 0:
                     tp = time.perf_counter()
