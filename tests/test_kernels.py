@@ -8,6 +8,10 @@ Every output buffer is poisoned with NaN first, so an element a kernel forgets t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -335,6 +339,44 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
         dispatch.perturb(theta, dirs, coords, torch.float64, backend="triton")
     assert dispatch.perturb(theta, dirs, coords[:0], backend="triton").shape == (0, n)
+
+
+# --- compiled for the GPU without one: catches errors the interpreter cannot see ---------------
+
+_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastland.kernels.normalize as kn
+import fastland.kernels.perturb as kp
+
+def compile(fn, sig, consts):
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+
+i = "*i32"
+compile(kn._partials_kernel, dict(d_ptr="*fp32", t_ptr="*bf16", starts_ptr=i, lo_ptr=i, hi_ptr=i, seg0_ptr=i,
+        nseg_ptr=i, entry0_ptr=i, part_ptr="*fp32"), dict(BLOCK=kn.BLOCK))
+compile(kn._scales_kernel, dict(part_ptr="*fp32", seg_entry0_ptr=i, seg_nentries_ptr=i, scale_ptr="*fp32",
+        S="i32", eps="fp32"), dict(SCALE_BLOCK=kn.SCALE_BLOCK))
+compile(kn._apply_kernel, dict(d_ptr="*fp32", t_ptr="*fp32", out_ptr="*fp32", scale_ptr="*fp32", kind_ptr=i,
+        starts_ptr=i, seg0_ptr=i, nseg_ptr=i, N="i32"), dict(SMALL_IS_THETA=True, SMALL=1, BLOCK=kn.BLOCK))
+for out, d, fused in [("*fp32", 2, False), ("*bf16", 2, True), ("*fp32", 1, True), ("*bf16", 1, False)]:
+    compile(kp._perturb_kernel, dict(theta_ptr="*fp32", d1_ptr="*fp32", d2_ptr="*fp32", coords_ptr="*fp32",
+            out_ptr=out, N="i32", P="i32", stride_cp="i32", stride_cd="i32", stride_op="i32", s1_ptr="*fp32",
+            s2_ptr="*fp32", kind_ptr=i, starts_ptr=i, seg0_ptr=i, nseg_ptr=i),
+            dict(D=d, FUSED=fused, SMALL_IS_THETA=fused, SMALL=1, BLOCK_N=kp.BLOCK_N, BLOCK_P=kp.BLOCK_P))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
+    """Lower every kernel to PTX/cubin for an H100 (sm_90) on this machine, GPU or not."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    run = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
 
 # --- GPU: the compiled kernels at the study's sizes (skipped without CUDA) ---------------------
