@@ -245,7 +245,8 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             order = epoch_order(n, cfg.seed, epoch, dev)
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True,
+                       leave=False)  # None: no bar when stderr is not a terminal
             loss_sum, correct, t0, probe_s = 0.0, 0, time.perf_counter(), 0.0
             for b in bar:
                 idx = order[b * cfg.batch : (b + 1) * cfg.batch]
