@@ -15,12 +15,13 @@ matplotlib.use("Agg")  # files only; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from fastland.viz.prepare import scaled, spans_decades, ticks, title, warning  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from fastland.errors import UserError  # noqa: E402
 from fastland.surfacefile import Surface  # noqa: E402
+
+from .prepare import scaled, spans_decades, ticks, title, warning  # noqa: E402
 
 CMAP = "viridis"
 DIVERGED_COLOR = "magenta"

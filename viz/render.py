@@ -17,11 +17,12 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from fastland.viz.headless import ensure_offscreen
-from fastland.viz.prepare import Scaled, scaled, shared_clim, spans_decades, ticks, title, warning
 
 from fastland.errors import UserError
 from fastland.surfacefile import Surface, read
+
+from .headless import ensure_offscreen
+from .prepare import Scaled, scaled, shared_clim, spans_decades, ticks, title, warning
 
 ensure_offscreen()  # before PyVista creates any window
 
@@ -227,7 +228,7 @@ def _wrap(lines: list[str], plotter: pv.Plotter, font_size: int) -> str:
     return "\n".join(textwrap.fill(line, chars, subsequent_indent="  ") for line in lines)
 
 
-def _camera(plotter: pv.Plotter, azimuth: float = -125.0, elevation: float = 35.0) -> None:
+def default_camera(plotter: pv.Plotter, azimuth: float = -125.0, elevation: float = 35.0) -> None:
     """Look at the whole box from the front-left, from above, as Li et al.'s figures do."""
     plotter.reset_camera()
     cam = plotter.camera
@@ -250,7 +251,7 @@ def landscape_plotter(surface: Surface, view: View, size: tuple[int, int] = SIZE
     plotter = pv.Plotter(off_screen=off_screen, window_size=list(size))
     plotter.background_color = "white"
     add_landscape(plotter, surface, view)
-    _camera(plotter)
+    default_camera(plotter)
     return plotter
 
 
@@ -267,7 +268,8 @@ def comparison_plotter(surfaces: list[Surface], shared: bool, view: View, size: 
         add_landscape(plotter, surface, view, clim=clim, scalar_bar=not shared or k == len(surfaces) - 1, panel=k)
     plotter.link_views()
     plotter.subplot(0, 0)
-    _camera(plotter)  # every panel's box has the same size, so one camera frames them all
+    default_camera(plotter)  # every panel's box has the same size, so one camera frames them all
+    plotter.camera.zoom(0.8)  # narrow panels: leave room for the loss axis and the scalar bar
     plotter.subplot(0, len(surfaces) - 1)
     note = "one colour and height scale for all panels" if shared else "each panel on its own colour and height scale"
     plotter.add_text(note, position="lower_right", font_size=round(15 * plotter.window_size[1] / 1080),
@@ -289,7 +291,7 @@ def screenshot(surface: Surface | str | Path, path: str | Path, view: View | Non
     """Write an anti-aliased PNG of the 3-D surface; a 1-D surface becomes a matplotlib line plot."""
     surface, view = _surface(surface), view or View()
     if surface.dim == 1:
-        from fastland.viz.plots import line_png
+        from .plots import line_png
 
         return line_png(surface, path, log=view.log)
     return _save(landscape_plotter(surface, view, size), Path(path))
@@ -353,7 +355,7 @@ def render_outputs(surface_path: str | Path, out_prefix: str | Path, size: tuple
     and ``.gltf``. 1-D: ``_1d.png`` and ``_1d_log.png`` line plots. Names are ``out_prefix`` plus
     these suffixes.
     """
-    from fastland.viz.plots import contour_png, line_png
+    from .plots import contour_png, line_png
 
     surface, prefix = read(surface_path), str(out_prefix)
     if surface.dim == 1:
