@@ -242,12 +242,31 @@ def test_viewer_controls_redraw_and_stay_on_screen(render, bowl: Path) -> None:
     pl.close()
 
 
-@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display to open a window")
-def test_interactive_window_opens(render, bowl: Path) -> None:
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display to open a window (try xvfb-run)")
+def test_interactive_window_responds_to_clicks_and_drags(render, bowl: Path) -> None:
     from fastland.viz.viewer import Viewer
 
-    viewer = Viewer(surfacefile.read(bowl), size=SMALL)
-    viewer.plotter.show(auto_close=True, interactive=False)
+    viewer = Viewer(surfacefile.read(bowl), size=(1280, 720))
+    pl = viewer.plotter
+    pl.show(auto_close=False, interactive_update=True)
+    iren = pl.iren.interactor
+
+    def mouse(x: int, y: int, *events: str) -> None:
+        for event in events:
+            iren.SetEventInformation(x, y)  # VTK counts y from the bottom
+            iren.InvokeEvent(event)
+        pl.update()
+
+    x, y, size = viewer._box_place(0)  # the log-scale check box
+    mouse(x + size // 2, y + size // 2, "MouseMoveEvent", "LeftButtonPressEvent", "LeftButtonReleaseEvent")
+    assert viewer.view.log
+    w, h = pl.window_size
+    rep = pl.widgets.slider_widgets[1].GetRepresentation()  # contour lines, 0..40, starts at 12
+    start, end = rep.GetPoint1Coordinate().GetValue()[0], rep.GetPoint2Coordinate().GetValue()[0]
+    mouse(int((start + (end - start) * 12 / 40) * w), int(0.93 * h), "LeftButtonPressEvent")
+    mouse(int(end * w) - 2, int(0.93 * h), "MouseMoveEvent", "LeftButtonReleaseEvent")
+    assert viewer.view.contours == 40
+    pl.close()
 
 
 # --- the command line ----------------------------------------------------------------------

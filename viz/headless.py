@@ -1,8 +1,9 @@
 """Offscreen rendering without a display: VTK draws through EGL (Mesa llvmpipe on a CPU).
 
-VTK picks its window class when it creates the first render window. Without an X server the
-default (X11) attempt fails, so ``ensure_offscreen`` must run before PyVista makes a plotter;
-``fastland.viz.render`` calls it on import. This module imports neither VTK nor PyVista.
+VTK picks its window class when it creates a render window. Without an X server the default
+(X11) attempt fails, so ``ensure_offscreen`` must run before PyVista makes a plotter;
+``fastland.viz.render.new_plotter`` calls it every time. This module imports neither VTK nor
+PyVista.
 """
 
 from __future__ import annotations

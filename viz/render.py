@@ -17,16 +17,13 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pyvista as pv
 
 from fastland.errors import UserError
 from fastland.surfacefile import Surface, read
 
 from .headless import ensure_offscreen
 from .prepare import Scaled, scaled, shared_clim, spans_decades, ticks, title, warning
-
-ensure_offscreen()  # before PyVista creates any window
-
-import pyvista as pv  # noqa: E402
 
 # VTK's built-in fonts have no Greek letters; matplotlib ships DejaVu Sans, which does.
 FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
@@ -245,11 +242,18 @@ def _surface(surface: Surface | str | Path) -> Surface:
     return surface if isinstance(surface, Surface) else read(surface)
 
 
+def new_plotter(size: tuple[int, int], off_screen: bool, **kwargs: object) -> pv.Plotter:
+    """A white plotter; without a display, VTK is first told to render through EGL."""
+    ensure_offscreen()
+    plotter = pv.Plotter(window_size=list(size), off_screen=off_screen, **kwargs)
+    plotter.background_color = "white"
+    return plotter
+
+
 def landscape_plotter(surface: Surface, view: View, size: tuple[int, int] = SIZE,
                       off_screen: bool = True) -> pv.Plotter:
     """A plotter showing one surface from the default camera, ready to save or show."""
-    plotter = pv.Plotter(off_screen=off_screen, window_size=list(size))
-    plotter.background_color = "white"
+    plotter = new_plotter(size, off_screen)
     add_landscape(plotter, surface, view)
     default_camera(plotter)
     return plotter
@@ -261,8 +265,7 @@ def comparison_plotter(surfaces: list[Surface], shared: bool, view: View, size: 
     if any(s.dim != 2 for s in surfaces):
         raise UserError("compare needs 2-D surfaces; plot 1-D surfaces one at a time")
     clim = shared_clim([scaled(s, view.quantity, view.log) for s in surfaces]) if shared else None
-    plotter = pv.Plotter(shape=(1, len(surfaces)), off_screen=off_screen, window_size=list(size), border=False)
-    plotter.background_color = "white"
+    plotter = new_plotter(size, off_screen, shape=(1, len(surfaces)), border=False)
     for k, surface in enumerate(surfaces):
         plotter.subplot(0, k)
         add_landscape(plotter, surface, view, clim=clim, scalar_bar=not shared or k == len(surfaces) - 1, panel=k)

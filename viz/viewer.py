@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from fastland.surfacefile import Surface
 
-from .render import FONT, View, add_landscape, default_camera, pv
+from .render import FONT, View, add_landscape, default_camera, new_plotter
 
 COLORMAPS = ["viridis", "plasma", "cividis", "magma", "coolwarm", "terrain", "RdYlBu_r", "Spectral_r"]
 SIZE = (1600, 900)
@@ -25,8 +25,7 @@ class Viewer:
                  off_screen: bool = False) -> None:
         self.surface = surface
         self.view = view or View()
-        self.plotter = pv.Plotter(window_size=list(size), off_screen=off_screen, title="fastland viewer")
-        self.plotter.background_color = "white"
+        self.plotter = new_plotter(size, off_screen, title="fastland viewer")
         self._drawn: set[str] = set()
         self.redraw()
         default_camera(self.plotter)
