@@ -14,7 +14,8 @@
 Both backends implement the same contracts; results agree to fp32 rounding (the kernels sum
 segment norms in a different, more accurate order than the reference's ``index_add_``).
 Inputs with a non-unit inner stride are copied to contiguous memory first (one extra pass);
-the ``out`` buffer, if given, must be contiguous and is never copied.
+the ``out`` buffer, if given, is written in place: its rows must be contiguous, and a ``[P, N]``
+output may have padded rows (``fastland.kernels.perturb.row_aligned_empty``: vector stores).
 """
 
 from __future__ import annotations
@@ -102,11 +103,14 @@ def _check_names(norm: str | None, ignore: str | None) -> None:
 
 
 def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """``out`` must match exactly and have unit-stride rows; a ``[P, N]`` output may have padded
+    rows (row stride >= N, e.g. ``perturb.row_aligned_empty``), never overlapping ones."""
     if out is None:
         return
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+    rows_ok = out.dim() >= 1 and out.stride(-1) == 1 and (out.dim() == 1 or out.stride(0) >= out.shape[-1])
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not rows_ok:
+        raise ValueError(f"out must be a {dtype} tensor of shape {shape} on {device} with contiguous rows, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}")
 
 
 def _coords(coords: torch.Tensor, dims: int) -> torch.Tensor:

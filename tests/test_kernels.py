@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,10 +216,10 @@ def test_zero_norm_filters_and_epsilon() -> None:
 @pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("points", [1, 5, 37])
 def test_perturb_matches_reference(points: int, dims: int, dtype: torch.dtype) -> None:
-    n = 3001  # no multiple of the block; P = 37 is no multiple of block_p either
+    n = 3001  # no multiple of the block; P = 37 is no multiple of rows either
     theta, dirs = _randn(n, seed=8), _randn(dims, n, seed=9)
     coords = _randn(points, dims, seed=10)
-    got = kp.perturb(theta, dirs, coords, dtype, out=_nan(points, n, dtype=dtype), block_n=256, block_p=4)
+    got = kp.perturb(theta, dirs, coords, dtype, out=_nan(points, n, dtype=dtype), block_n=256, rows=4)
     want = directions.perturb_reference(theta, dirs, coords, dtype)
     _check(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=_perturb_atol(theta, dirs, coords))
 
@@ -228,6 +229,32 @@ def test_perturb_lenet_size_default_blocks() -> None:
     dirs, coords = _randn(2, space.numel, seed=11), _randn(64, 2, seed=12)
     got = dispatch.perturb(theta, dirs, coords, backend="triton", out=_nan(64, space.numel))
     _check(got, directions.perturb_reference(theta, dirs, coords), 1e-6, _perturb_atol(theta, dirs, coords))
+
+
+def test_row_aligned_output_is_written_in_place_and_padding_untouched() -> None:
+    n, points = 2999, 9  # rows padded from 2,999 to 3,008 elements
+    theta, dirs, coords = _randn(n, seed=37), _randn(2, n, seed=38), _randn(points, 2, seed=39)
+    out = kp.row_aligned_empty(points, n, torch.float32, DEV)
+    assert out.stride() == (3008, 1)
+    whole = out.as_strided((points, 3008), (3008, 1))
+    whole.fill_(float("nan"))
+    pad = whole[:, n:]
+    got = dispatch.perturb(theta, dirs, coords, backend="triton", out=out)
+    assert got.data_ptr() == out.data_ptr()
+    _check(got, directions.perturb_reference(theta, dirs, coords), 1e-6, _perturb_atol(theta, dirs, coords))
+    assert torch.isnan(pad).all()  # nothing written past N in any row
+    with pytest.raises(ValueError, match="contiguous rows"):  # overlapping rows are refused
+        dispatch.perturb(theta, dirs, coords, out=torch.empty(points, 2 * n, device=DEV).as_strided((points, n), (5, 1)))
+
+
+def test_rows_per_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert kp.rows_per_program(8, 14383, cuda) == 8  # VGG: the column blocks fill an H100; inputs read once
+    assert kp.rows_per_program(32, 14383, cuda) == 32
+    assert kp.rows_per_program(256, 61, cuda) == 14  # LeNet: 61 x ceil(256/14) = 1,159 programs >= 8 x 132
+    assert kp.rows_per_program(16, 61, cuda) == 1
+    assert kp.rows_per_program(37, 3, torch.device("cpu")) == 37  # interpreter: fewest programs
 
 
 def test_probe_line_theta_minus_eta_g() -> None:
@@ -249,7 +276,7 @@ def test_perturb_scaled_equals_normalize_then_perturb(dims: int, ignore: str, dt
     coords = _randn(19, dims, seed=17)
     scales = torch.stack([directions.segment_scales(raw[k], theta, seg, "filter") for k in range(dims)])
     got = kp.perturb_scaled(theta, raw, scales, seg, coords, ignore, dtype, out=_nan(19, n, dtype=dtype),
-                            block_n=512, block_p=8)
+                            block_n=512, rows=8)
     dirs = torch.stack([directions.normalize_reference(raw[k], theta, seg, "filter", ignore) for k in range(dims)])
     want = directions.perturb_reference(theta, dirs, coords, dtype)
     _check(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=_perturb_atol(theta, dirs, coords))
@@ -326,7 +353,7 @@ def test_non_contiguous_inputs_are_handled() -> None:
 def test_bad_arguments_raise_clear_errors() -> None:
     n = 1000
     theta, dirs, coords = _randn(n, seed=29), _randn(2, n, seed=30), _randn(4, 2, seed=31)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous rows"):
         dispatch.perturb(theta, dirs, coords, backend="triton", out=_nan(n, 4).t())
     with pytest.raises(ValueError, match="bfloat16"):  # out is fp32, bf16 asked for
         dispatch.perturb(theta, dirs, coords, torch.bfloat16, backend="triton", out=_nan(4, n))
@@ -364,8 +391,8 @@ compile(kn._apply_kernel, dict(d_ptr="*fp32", t_ptr="*fp32", out_ptr="*fp32", sc
 for out, d, fused in [("*fp32", 2, False), ("*bf16", 2, True), ("*fp32", 1, True), ("*bf16", 1, False)]:
     compile(kp._perturb_kernel, dict(theta_ptr="*fp32", d1_ptr="*fp32", d2_ptr="*fp32", coords_ptr="*fp32",
             out_ptr=out, N="i32", P="i32", stride_cp="i32", stride_cd="i32", stride_op="i32", s1_ptr="*fp32",
-            s2_ptr="*fp32", kind_ptr=i, starts_ptr=i, seg0_ptr=i, nseg_ptr=i),
-            dict(D=d, FUSED=fused, SMALL_IS_THETA=fused, SMALL=1, BLOCK_N=kp.BLOCK_N, BLOCK_P=kp.BLOCK_P))
+            s2_ptr="*fp32", kind_ptr=i, starts_ptr=i, seg0_ptr=i, nseg_ptr=i, rows="i32"),
+            dict(D=d, FUSED=fused, SMALL_IS_THETA=fused, SMALL=1, BLOCK_N=kp.BLOCK_N))
 print("compiled")
 """
 
