@@ -215,6 +215,8 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
             raise UserError(f"{out} holds a run with another configuration; pick another --out or delete it")
     cfg_path.write_text(json.dumps(cfg_dict, indent=2) + "\n")
     if final.exists():
+        if probe is not None and progress and not (out / "metrics.csv").exists():
+            print(f"note: {out} was trained without probes and is finished; use another --out to probe a new run")
         return final
 
     torch.manual_seed(cfg.seed)
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
             print(f"resuming {out} after epoch {start_epoch}")
     n = len(trainset)
     steps = math.ceil(n / cfg.batch)
-    step = start_epoch * steps
+    step = int(meta["step"]) if done else 0  # steps taken so far (a skipped batch of one is no step)
     prober, log, every = None, None, 0
     if probe is not None:
         every = probe.every

@@ -273,3 +273,22 @@ def test_no_probe_trains_without_metrics(trainset: data_mod.EvalSet, tmp_path: P
                             "--epochs", "1", "--device", "cpu", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert (tmp_path / "final.pt").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_probes_do_not_change_training(tmp_path: Path) -> None:
+    """On the GPU (deterministic cuDNN), probed and unprobed training end at the same weights."""
+    trainset = data_mod.load("synthetic", "train", SAMPLES, seed=0, device="cuda")
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        cfg = _cfg(device="cuda")
+        plain = _state(train(cfg, tmp_path / "plain", progress=False, trainset=trainset))
+        for mode in ("batched", "sequential"):
+            probed = _state(train(cfg, tmp_path / mode, ProbeConfig(mode=mode), progress=False, trainset=trainset))
+            for k in plain:
+                assert (plain[k].double() - probed[k].double()).abs().max() <= 1e-7, (mode, k)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+    rows = probes.read_metrics(tmp_path / "batched" / "metrics.csv")
+    assert np.isfinite(rows["beta_smooth"]).all() and len(rows["step"]) == 16
