@@ -95,7 +95,7 @@ def test_scaled_shows_nan_inf_nonpositive_and_missing_points(tmp_path: Path) -> 
     assert np.isnan(log.z[log.diverged | log.missing]).all() and np.isfinite(log.z[~(log.diverged | log.missing)]).all()
     positive = s.loss[(s.done == 1) & np.isfinite(s.loss) & (s.loss > 0)]
     assert log.z[0, 0] == pytest.approx(np.log10(positive.min()))  # drawn at the smallest positive loss
-    text = "\n".join(log.describe(diverged="drawn X", missing="left Y"))
+    text = "\n".join(log.describe(log.clim[1], above="", diverged="drawn X", missing="left Y"))
     assert "1 losses <= 0" in text
     assert "3 points diverged (1 NaN, 2 inf): drawn X" in text
     assert "50 of 1681 points not evaluated yet: left Y" in text
@@ -104,10 +104,13 @@ def test_scaled_shows_nan_inf_nonpositive_and_missing_points(tmp_path: Path) -> 
 def test_robust_clip_only_when_a_few_points_dominate(tmp_path: Path) -> None:
     exploding = prepare.scaled(surfacefile.read(write_surface(tmp_path / "e.h5")))
     quadratic = prepare.scaled(surfacefile.read(write_surface(tmp_path / "q.h5", kind="bowl")))
-    assert exploding.clipped and "clipped at the 95th percentile" in exploding.notes[0]
-    assert exploding.clim[1] < np.nanmax(exploding.z) / 3
-    assert not quadratic.clipped and quadratic.clim[1] == np.nanmax(quadratic.z)
-    assert not prepare.scaled(surfacefile.read(tmp_path / "e.h5"), log=True).clipped  # log scale needs no clip
+    hi = exploding.clim[1]
+    assert hi == pytest.approx(np.nanpercentile(exploding.z, 95)) and hi < np.nanmax(exploding.z) / 3
+    assert exploding.above(hi) == int(np.sum(exploding.z > hi)) > 0
+    assert "colour scale clipped at loss" in exploding.describe(hi, above="grey", diverged="", missing="")[0]
+    assert quadratic.clim[1] == np.nanmax(quadratic.z) and quadratic.above(quadratic.clim[1]) == 0
+    log = prepare.scaled(surfacefile.read(tmp_path / "e.h5"), log=True)
+    assert log.clim[1] == np.nanmax(log.z)  # a log scale needs no clipping
 
 
 def test_log_ticks_are_decades() -> None:

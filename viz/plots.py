@@ -1,8 +1,10 @@
 """Matplotlib pictures of loss surfaces: the top-down contour map and 1-D line plots.
 
-These need no PyVista, so they work on every machine fastland runs on (the GPU machines
-included). They share ``fastland.viz.prepare`` with the 3-D renderer, so clipping, log scale,
-NaN, inf and unevaluated points are handled, and described on the image, the same way.
+Figures are made with ``matplotlib.figure.Figure`` rather than pyplot, so writing them needs
+no GUI backend and leaves the caller's pyplot state alone. They need no PyVista, so they work
+on every machine fastland runs on (the GPU machines included). They share
+``fastland.viz.prepare`` with the 3-D renderer, so clipping, log scale, NaN, inf and
+unevaluated points are handled, and described on the image, the same way.
 """
 
 from __future__ import annotations
@@ -10,25 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-matplotlib.use("Agg")  # files only; never open a window
+from fastland.errors import UserError
+from fastland.surfacefile import Surface
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
-
-from fastland.errors import UserError  # noqa: E402
-from fastland.surfacefile import Surface  # noqa: E402
-
-from .prepare import scaled, spans_decades, ticks, title, warning  # noqa: E402
+from .prepare import scaled, spans_decades, ticks, title, warning
 
 CMAP = "viridis"
 DIVERGED_COLOR = "magenta"
 CLIPPED_COLOR = "lightgray"
 
 
-def _header(fig: Figure, ax: plt.Axes, surface: Surface, notes: list[str]) -> None:
+def _header(fig: Figure, ax: Axes, surface: Surface, notes: list[str]) -> None:
     """Title on the axes; the data warning in red above it; notes in grey under the figure."""
     ax.set_title(title(surface), fontsize=10)
     if warning(surface):
@@ -38,12 +37,12 @@ def _header(fig: Figure, ax: plt.Axes, surface: Surface, notes: list[str]) -> No
 
 
 def _save(fig: Figure, path: str | Path, notes: list[str]) -> Path:
+    """Write the PNG, with room under the axes for the notes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if notes:  # leave room under the axes for the notes
+    if notes:
         fig.get_layout_engine().set(rect=(0, 0.025 * len(notes) + 0.01, 1, 1 - 0.025 * len(notes) - 0.01))
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -68,16 +67,17 @@ def contour_png(surface: Surface, path: str | Path, log: bool | None = None) -> 
     log = spans_decades(surface) if log is None else log
     s = scaled(surface, "loss", log)
     lo, hi = s.clim
-    notes = s.describe(diverged=f"marked × in {DIVERGED_COLOR}", missing="hatched")
+    notes = s.describe(hi, above="shown light grey", diverged=f"marked × in {DIVERGED_COLOR}", missing="hatched")
 
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=150, layout="constrained")
+    fig = Figure(figsize=(8, 7), dpi=150, layout="constrained")
+    ax = fig.subplots()
     x, y = np.meshgrid(surface.x, surface.y)
     z = np.ma.masked_invalid(s.z)
     cmap = matplotlib.colormaps[CMAP].with_extremes(over=CLIPPED_COLOR)
-    filled = ax.contourf(x, y, z, levels=np.linspace(lo, hi, 41), cmap=cmap, extend="max" if s.clipped else "neither")
+    filled = ax.contourf(x, y, z, levels=np.linspace(lo, hi, 41), cmap=cmap, extend="max" if s.above(hi) else "neither")
     lines = ax.contour(x, y, z, levels=_round_levels(lo, hi, log), colors="black", linewidths=0.6, alpha=0.6,
                        linestyles="solid")
-    ax.clabel(lines, fmt=lambda v: f"{10**v:.3g}" if log else f"{v:.3g}", fontsize=7)
+    ax.clabel(lines, lines.levels[::2], fmt=lambda v: f"{10**v:.3g}" if log else f"{v:.3g}", fontsize=7)
     # Unevaluated points show the hatched background through the masked contours.
     ax.set_facecolor("white")
     ax.fill_between(surface.x, surface.y[0], surface.y[-1], hatch="///", facecolor="none", edgecolor="lightgray",
@@ -113,9 +113,10 @@ def line_png(surface: Surface, path: str | Path, log: bool = False) -> Path:
         raise UserError(f"{surface.path} is a 2-D surface; a line plot needs a 1-D one")
     s = scaled(surface, "loss", log, robust=False)
     acc = scaled(surface, "acc")
-    notes = s.describe(diverged=f"marked × in {DIVERGED_COLOR} at the top", missing="left as gaps")
+    notes = s.describe(s.clim[1], above="", diverged=f"marked × in {DIVERGED_COLOR} at the top", missing="left as gaps")
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=150, layout="constrained")
+    fig = Figure(figsize=(8, 5), dpi=150, layout="constrained")
+    ax = fig.subplots()
     loss = 10**s.z if log else s.z
     ax.plot(surface.x, loss, color="tab:blue", linewidth=1.8, label=s.label)
     if log:

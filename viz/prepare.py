@@ -36,8 +36,8 @@ class Scaled:
     ``raw`` holds the values as stored (NaN where not evaluated). ``z`` holds display values
     (log10 of the loss on a log scale), NaN where nothing can be drawn: points not yet
     evaluated (``missing``) and evaluated points whose value is NaN or inf (``diverged``).
-    ``clim`` is the colour and height range; values above ``clim[1]`` exist only when it was
-    clipped, and ``notes`` says so.
+    ``clim`` is the colour and height range; values above ``clim[1]`` exist only when the
+    range was clipped. ``describe`` writes the notes an image prints about all of these.
     """
 
     z: np.ndarray
@@ -47,12 +47,21 @@ class Scaled:
     log: bool
     missing: np.ndarray
     diverged: np.ndarray
-    clipped: bool = False
     notes: list[str] = field(default_factory=list)
 
-    def describe(self, diverged: str, missing: str) -> list[str]:
-        """The notes plus one line each for diverged and unevaluated points, saying how they are drawn."""
-        out = list(self.notes)
+    def above(self, hi: float) -> int:
+        """How many drawable points lie above ``hi``, the top of the colour range actually used."""
+        return int(np.sum(self.z > hi))  # NaN compares False
+
+    def describe(self, hi: float, above: str, diverged: str, missing: str) -> list[str]:
+        """One line for each kind of awkward point: clipped, <= 0 on a log scale, diverged,
+        unevaluated; each ends with how the renderer drew them (``above``, ``diverged``, ``missing``)."""
+        out = []
+        if n := self.above(hi):
+            value = (lambda v: 10**v) if self.log else float
+            out.append(f"colour scale clipped at loss {value(hi):.3g} so that a few extreme points do not squash "
+                       f"the rest: {n} points above it (up to {value(np.nanmax(self.z)):.3g}) {above}")
+        out += self.notes
         if self.diverged.any():
             n_nan = int(np.isnan(self.raw[self.diverged]).sum())
             n_inf = int(self.diverged.sum()) - n_nan
@@ -116,17 +125,9 @@ def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: 
         clim = (0.0, 1.0)
     else:
         clim = (float(finite.min()), float(finite.max()))
-    clipped = False
     if robust and quantity == "loss" and finite.size > 1:
         top = float(np.percentile(finite, CLIP_PERCENTILE))
         if clim[1] - top > CLIP_STRETCH * (top - clim[0]):
-            clipped = True
-            above = int((finite > top).sum())
-            shown = 10**top if log else top
-            notes.append(
-                f"colour and height clipped at the {CLIP_PERCENTILE:g}th percentile (loss {shown:.3g}); "
-                f"{above} higher points drawn flat at the top (max {(10 ** clim[1] if log else clim[1]):.3g})"
-            )
             clim = (clim[0], top)
     if clim[1] <= clim[0]:  # a flat surface still needs a non-empty range
         clim = (clim[0] - 0.5, clim[0] + 0.5)
@@ -135,7 +136,7 @@ def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: 
         label = "accuracy (%)"
     else:
         label = f"{surface.split} loss" + (" (log scale)" if log else "")
-    return Scaled(z, values, clim, label, log, missing, diverged, clipped, notes)
+    return Scaled(z, values, clim, label, log, missing, diverged, notes)
 
 
 def shared_clim(parts: list[Scaled]) -> tuple[float, float]:

@@ -96,7 +96,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     bar_title = s.label + "\n" + " " * panel
     actor = plotter.add_mesh(
         mesh, scalars=s.label, cmap=view.cmap, clim=(10**lo, 10**hi) if s.log else (lo, hi), log_scale=s.log,
-        nan_color=DIVERGED_COLOR, above_color=CLIPPED_COLOR if s.clipped else None,
+        nan_color=DIVERGED_COLOR, above_color=CLIPPED_COLOR if s.above(hi) else None,
         smooth_shading=True, specular=0.2, show_scalar_bar=scalar_bar, name=f"surface{panel}",
         scalar_bar_args=dict(
             title=bar_title, vertical=True, position_x=0.90, position_y=0.22, width=0.04, height=0.56,
@@ -107,7 +107,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     if s.diverged.any():  # a few NaN points on a fine grid would be invisible as a colour alone
         jj, ii = np.nonzero(s.diverged)
         points = np.c_[surface.x[ii], surface.y[jj], np.full(len(ii), top)]
-        plotter.add_points(points, color=DIVERGED_COLOR, point_size=10 * px, render_points_as_spheres=True,
+        plotter.add_points(points, color=DIVERGED_COLOR, point_size=14 * px, render_points_as_spheres=True,
                            name=f"diverged{panel}")
     if scalar_bar:
         bar = plotter.scalar_bars[bar_title]
@@ -116,7 +116,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     _add_contours(plotter, mesh, box, view, px, panel)
     _add_best(plotter, surface, s, box, view, px, panel)
     _add_axes(plotter, box, s, px, panel)
-    _add_text(plotter, surface, s, px, panel)
+    _add_text(plotter, surface, s, hi, px, panel)
     return s
 
 
@@ -198,14 +198,15 @@ def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) 
     )
 
 
-def _add_text(plotter: pv.Plotter, surface: Surface, s: Scaled, px: float, panel: int) -> None:
+def _add_text(plotter: pv.Plotter, surface: Surface, s: Scaled, hi: float, px: float, panel: int) -> None:
     """Title, data warning, and the notes on how awkward values were drawn."""
     plotter.add_text(title(surface), position="upper_left", font_size=round(20 * px), color="black",
                      font_file=FONT, name=f"title{panel}")
     if warning(surface):
         plotter.add_text(warning(surface), position=(0.01, 0.87), viewport=True, font_size=round(17 * px),
                          color="darkred", font_file=FONT, name=f"warning{panel}")
-    notes = s.describe(diverged=f"drawn at the top in {DIVERGED_COLOR}", missing="left as holes")
+    notes = s.describe(hi, above="drawn flat at the top in light grey",
+                       diverged=f"drawn at the top in {DIVERGED_COLOR}", missing="left as holes")
     if notes:
         plotter.add_text(_wrap(notes, plotter, round(15 * px)), position="lower_left", font_size=round(15 * px),
                          color="dimgray", font_file=FONT, name=f"notes{panel}")
