@@ -31,7 +31,9 @@ from fastland.params import FlatSpace
 
 _ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_ROOT / ".cache" / "inductor"))
-torch._dynamo.config.cache_size_limit = 64  # one compiled graph per (case, shape), all kept
+# One compiled graph per (case, shape), all kept (the name changed across torch versions).
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+setattr(torch._dynamo.config, _LIMIT, 64)
 
 if os.environ.get("FASTLAND_BENCH_THREADS"):
     # On a shared 2-core machine, 2 intra-op threads turn every neighbour's time slice into a
