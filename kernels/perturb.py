@@ -38,7 +38,6 @@ from .segments import segment_index, segment_table, tile_plan
 
 BLOCK_N = 1024
 PROGRAMS_PER_SM = 8  # 8 programs x 4 warps = half the warp slots of an H100 SM: enough stores in flight
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit

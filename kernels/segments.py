@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ import triton.language as tl
 from fastland.params import SEG_FILTER, SEG_SMALL
 
 INT32_MAX = 2**31 - 1
+_T = TypeVar("_T")
 _CACHE_SIZE = 64
 
 
@@ -79,7 +82,6 @@ class TilePlan:
     seg0: torch.Tensor  # [T] int32
     nseg: torch.Tensor  # [T] int32
     tiles: int  # T
-    max_nseg: int  # the largest nseg, for reporting/tests
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _validated(segments: torch.Tensor, n: int) -> tuple[np.ndarray, bytes]:
     return table, _seen[id(segments)][4]
 
 
-def _cached(key: tuple, build):  # noqa: ANN001, ANN202 - tiny private helper
+def _cached(key: tuple, build: Callable[[], _T]) -> _T:
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
@@ -159,7 +161,7 @@ def tile_plan(segments: torch.Tensor, n: int, block: int, device: torch.device) 
         # zero-length segments exactly as repeat_interleave does in the reference.
         seg0 = np.searchsorted(starts, first, side="right") - 1
         nseg = np.searchsorted(starts, last, side="right") - seg0
-        return TilePlan(block, _i32(seg0, device), _i32(nseg, device), len(first), int(nseg.max()))
+        return TilePlan(block, _i32(seg0, device), _i32(nseg, device), len(first))
 
     return _cached(("tile", content, n, block, str(device)), build)
 
