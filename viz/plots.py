@@ -90,8 +90,8 @@ def contour_png(surface: Surface, path: str | Path, log: bool | None = None) -> 
         j, i = best
         ax.plot(surface.x[i], surface.y[j], marker="*", markersize=16, color="red", markeredgecolor="white",
                 label=f"min {s.raw[j, i]:.4g} at α={surface.x[i]:.3g}, β={surface.y[j]:.3g}", linestyle="none")
-    # Under the axes, so it never covers a marked point.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, fontsize=8, frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # under the axes, so it never covers a marked point
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, fontsize=8, frameon=False)
     ax.set_xlabel("α")
     ax.set_ylabel("β")
     ax.set_aspect("equal")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from matplotlib.ticker import LogLocator, MaxNLocator
 
+from fastland.errors import UserError
 from fastland.surfacefile import Surface
 
 # The colour (and height) range is clipped at this percentile when the few points above it
@@ -90,7 +91,7 @@ def spans_decades(surface: Surface) -> bool:
     """True when the finite positive losses span enough decades that a linear scale hides the minimum."""
     v = values_of(surface, "loss")
     v = v[np.isfinite(v) & (v > 0)]
-    return v.size > 1 and np.log10(v.max() / v.min()) >= AUTO_LOG_DECADES
+    return bool(v.size > 1 and np.log10(v.max() / v.min()) >= AUTO_LOG_DECADES)
 
 
 def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: bool = True) -> Scaled:
@@ -102,6 +103,8 @@ def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: 
     """
     values = values_of(surface, quantity)
     missing = surface.done == 0
+    if missing.all():
+        raise UserError(f"{surface.path}: no point has been evaluated yet, so there is nothing to draw")
     diverged = ~missing & ~np.isfinite(values)
     notes: list[str] = []
     log = log and quantity == "loss"

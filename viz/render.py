@@ -77,9 +77,9 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     s = scaled(surface, view.quantity, view.log)
     lo, hi = clim or s.clim
     x0, x1, y0, y1 = surface.x[0], surface.x[-1], surface.y[0], surface.y[-1]
-    top = view.exaggeration * ASPECT * max(x1 - x0, y1 - y0)
-    box = _Box(x0, x1, y0, y1, lo, hi, top, floor=-FLOOR_GAP * ASPECT * max(x1 - x0, y1 - y0))
-    px = plotter.window_size[1] / 1080  # sizes below are for a 1080-pixel-high picture
+    height = ASPECT * max(x1 - x0, y1 - y0)  # of the box at exaggeration 1
+    box = _Box(x0, x1, y0, y1, lo, hi, top=view.exaggeration * height, floor=-FLOOR_GAP * height)
+    px = plotter.window_size[1] / 1080  # line widths below are for a 1080-pixel-high picture
 
     # Diverged points are raised to the top and coloured apart; clipped ones sit flat at the top.
     value = np.clip(np.where(s.diverged, hi, s.z), lo, hi)
@@ -100,13 +100,13 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
         smooth_shading=True, specular=0.2, show_scalar_bar=scalar_bar, name=f"surface{panel}",
         scalar_bar_args=dict(
             title=bar_title, vertical=True, position_x=0.90, position_y=0.22, width=0.04, height=0.56,
-            fmt="%.3g", n_labels=6, title_font_size=round(20 * px), label_font_size=round(17 * px), color="black",
+            fmt="%.3g", n_labels=6, title_font_size=font_size(plotter, 20), label_font_size=font_size(plotter, 17), color="black",
         ),
     )
     actor.prop.color = "white"  # glTF multiplies the colour map by this base colour
     if s.diverged.any():  # a few NaN points on a fine grid would be invisible as a colour alone
         jj, ii = np.nonzero(s.diverged)
-        points = np.c_[surface.x[ii], surface.y[jj], np.full(len(ii), top)]
+        points = np.c_[surface.x[ii], surface.y[jj], np.full(len(ii), box.top)]
         plotter.add_points(points, color=DIVERGED_COLOR, point_size=14 * px, render_points_as_spheres=True,
                            name=f"diverged{panel}")
     if scalar_bar:
@@ -116,7 +116,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     _add_contours(plotter, mesh, box, view, px, panel)
     _add_best(plotter, surface, s, box, view, px, panel)
     _add_axes(plotter, box, s, px, panel)
-    _add_text(plotter, surface, s, hi, px, panel)
+    _add_text(plotter, surface, s, hi, panel)
     return s
 
 
@@ -154,7 +154,7 @@ def _add_best(plotter: pv.Plotter, surface: Surface, s: Scaled, box: _Box, view:
                      name=f"drop{panel}")
     word = "max" if view.quantity == "acc" else "min"
     plotter.add_point_labels(
-        [point], [f"{word} {s.raw[j, i]:.4g} at α={point[0]:.3g}, β={point[1]:.3g}"], font_size=round(18 * px),
+        [point], [f"{word} {s.raw[j, i]:.4g} at α={point[0]:.3g}, β={point[1]:.3g}"], font_size=font_size(plotter, 18),
         font_file=FONT, text_color="black", shape_color="white", shape_opacity=0.8,
         show_points=False, always_visible=True, name=f"best_label{panel}",
     )
@@ -168,7 +168,7 @@ def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) 
     """
     bounds = [box.x0, box.x1, box.y0, box.y1, 0.0, box.top]
     plotter.show_bounds(
-        bounds=bounds, xtitle=" ", ytitle=" ", ztitle=" ", color="black", font_size=round(16 * px), fmt="%.3g",
+        bounds=bounds, xtitle=" ", ytitle=" ", ztitle=" ", color="black", font_size=font_size(plotter, 16), fmt="%.3g",
         n_xlabels=5, n_ylabels=5, location="origin", show_zaxis=False, show_zlabels=False,
     )
     marks = ticks(box.lo, box.hi, s.log)
@@ -183,33 +183,39 @@ def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) 
     label = dict(font_file=FONT, text_color="black", shape=None, show_points=False, always_visible=True, bold=False)
     pad = 0.16 * box.span
     plotter.add_point_labels(
-        [((x0 + x1) / 2, y0 - pad, 0.0), (x0 - pad, (y0 + y1) / 2, 0.0)], ["α", "β"], font_size=round(26 * px),
+        [((x0 + x1) / 2, y0 - pad, 0.0), (x0 - pad, (y0 + y1) / 2, 0.0)], ["α", "β"], font_size=font_size(plotter, 26),
         name=f"axis_titles{panel}", **label,
     )
     out = np.array([-0.04 * box.span, 0.04 * box.span, 0.0])  # just outside the left edge
     plotter.add_point_labels(
         [np.array([x0, y1, box.height(v)]) + out for v, _ in marks], [text for _, text in marks],
-        font_size=round(16 * px), justification_horizontal="right", justification_vertical="center",
+        font_size=font_size(plotter, 16), justification_horizontal="right", justification_vertical="center",
         name=f"z_ticks{panel}", **label,
     )
     plotter.add_point_labels(
-        [np.array([x0, y1, box.top * 1.08]) + out], [s.label], font_size=round(18 * px),
+        [np.array([x0, y1, box.top * 1.08]) + out], [s.label], font_size=font_size(plotter, 18),
         justification_horizontal="right", justification_vertical="bottom", name=f"z_title{panel}", **label,
     )
 
 
-def _add_text(plotter: pv.Plotter, surface: Surface, s: Scaled, hi: float, px: float, panel: int) -> None:
+def _add_text(plotter: pv.Plotter, surface: Surface, s: Scaled, hi: float, panel: int) -> None:
     """Title, data warning, and the notes on how awkward values were drawn."""
-    plotter.add_text(title(surface), position="upper_left", font_size=round(20 * px), color="black",
+    plotter.add_text(title(surface), position="upper_left", font_size=font_size(plotter, 20), color="black",
                      font_file=FONT, name=f"title{panel}")
     if warning(surface):
-        plotter.add_text(warning(surface), position=(0.01, 0.87), viewport=True, font_size=round(17 * px),
+        plotter.add_text(warning(surface), position=(0.01, 0.87), viewport=True, font_size=font_size(plotter, 17),
                          color="darkred", font_file=FONT, name=f"warning{panel}")
     notes = s.describe(hi, above="drawn flat at the top in light grey",
                        diverged=f"drawn at the top in {DIVERGED_COLOR}", missing="left as holes")
     if notes:
-        plotter.add_text(_wrap(notes, plotter, round(15 * px)), position="lower_left", font_size=round(15 * px),
-                         color="dimgray", font_file=FONT, name=f"notes{panel}")
+        size = font_size(plotter, 15)
+        plotter.add_text(_wrap(notes, plotter, size), position="lower_left", font_size=size, color="dimgray",
+                         font_file=FONT, name=f"notes{panel}")
+
+
+def font_size(plotter: pv.Plotter, points: float) -> int:
+    """Font sizes are chosen for a 1080-pixel-high picture; scale them, but keep them legible."""
+    return max(9, round(points * plotter.window_size[1] / 1080))
 
 
 def _fonts(*props: object) -> None:
@@ -276,7 +282,7 @@ def comparison_plotter(surfaces: list[Surface], shared: bool, view: View, size: 
     plotter.camera.zoom(0.8)  # narrow panels: leave room for the loss axis and the scalar bar
     plotter.subplot(0, len(surfaces) - 1)
     note = "one colour and height scale for all panels" if shared else "each panel on its own colour and height scale"
-    plotter.add_text(note, position="lower_right", font_size=round(15 * plotter.window_size[1] / 1080),
+    plotter.add_text(note, position="lower_right", font_size=font_size(plotter, 15),
                      color="dimgray", font_file=FONT, name="scale_note")
     return plotter
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from fastland.surfacefile import Surface
 
-from .render import FONT, View, add_landscape, default_camera, new_plotter
+from .render import FONT, View, add_landscape, default_camera, font_size, new_plotter
 
 COLORMAPS = ["viridis", "plasma", "cividis", "magma", "coolwarm", "terrain", "RdYlBu_r", "Spectral_r"]
 SIZE = (1600, 900)
@@ -90,14 +90,13 @@ class Viewer:
     def _add_labels(self) -> None:
         """The check boxes' labels, and the mouse and key help."""
         pl = self.plotter
-        px = pl.window_size[1] / 1080
         for k, label in enumerate(["log scale (loss only)", "show accuracy instead of loss"]):
             x, y, size = self._box_place(k)
-            pl.add_text(label, position=(x + size + 8, y + size // 4), font_size=round(14 * px), color="black",
+            pl.add_text(label, position=(x + size + 8, y + size // 4), font_size=font_size(pl, 14), color="black",
                         font_file=FONT, name=f"control_label{k}")
         pl.add_text("sliders: z exaggeration, contour lines, colour map\n"
                     "drag: rotate   shift-drag: pan   scroll: zoom   o: original view   q: quit",
-                    position="lower_right", font_size=round(12 * px), color="dimgray", font_file=FONT, name="help")
+                    position="lower_right", font_size=font_size(pl, 12), color="dimgray", font_file=FONT, name="help")
 
     def show(self) -> None:
         """Open the window and hand control to the user until it is closed."""
