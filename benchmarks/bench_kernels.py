@@ -3,7 +3,9 @@
 Run: ``pytest benchmarks/bench_kernels.py --benchmark-only [--benchmark-json=FILE]``.
 
 The cases run on whatever device is here: CUDA when present, else CPU (override with
-``FASTLAND_BENCH_DEVICE=cpu|cuda``; ``FASTLAND_BENCH_THREADS=N`` sets torch's CPU threads).
+``FASTLAND_BENCH_DEVICE=cpu|cuda``; ``benchmarks/conftest.py`` applies ``FASTLAND_BENCH_THREADS=N``:
+on this shared 2-core machine 2 threads turned a neighbour's time slice into a stall, a 5 MB
+copy going from 0.09 ms to 8 ms). ``--gpu-sizes`` changes nothing here: the sizes are fixed.
 The Triton cases need CUDA and are skipped on CPU (the interpreter measures Python, not the
 kernel). Sizes are the study's: LeNet-BN (62k params) at P ∈ {16, 64, 256} and VGG-16-BN
 (14.7M) at P ∈ {8, 32}; VGG at P = 32 is skipped on CPU (a 1.9 GB output per call on 2 cores).
@@ -29,16 +31,10 @@ from fastland.kernels import dispatch
 from fastland import directions, models
 from fastland.params import FlatSpace
 
-_ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_ROOT / ".cache" / "inductor"))
 # One compiled graph per (case, shape), all kept (the name changed across torch versions).
 _LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 setattr(torch._dynamo.config, _LIMIT, 64)
 
-if os.environ.get("FASTLAND_BENCH_THREADS"):
-    # On a shared 2-core machine, 2 intra-op threads turn every neighbour's time slice into a
-    # stall (a 5 MB copy went from 0.09 ms to 8 ms); 1 thread gives stable CPU numbers.
-    torch.set_num_threads(int(os.environ["FASTLAND_BENCH_THREADS"]))
 DEVICE = torch.device(os.environ.get("FASTLAND_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 CUDA = DEVICE.type == "cuda"
 MODELS = {"lenet": "lenet_bn", "vgg16": "vgg16_bn"}
