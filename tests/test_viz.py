@@ -218,6 +218,21 @@ def test_render_outputs_writes_every_file(render, bowl: Path, tmp_path: Path) ->
     assert len(gltf["meshes"]) >= 3 and all(b["uri"].startswith("data:") for b in gltf["buffers"])
 
 
+def test_flat_and_all_diverged_surfaces_still_render(render, tmp_path: Path) -> None:
+    x = np.linspace(-1, 1, 11)
+    for name, loss in (("flat", 1.0), ("nan", np.nan)):
+        path = tmp_path / f"{name}.h5"
+        surfacefile.create(path, x, x, [{}, {}], {"split": "test"})
+        writer = surfacefile.Writer(path)
+        writer.write(np.arange(121), np.full(121, loss), np.full(121, 50.0))
+        writer.close()
+        written = render.render_outputs(path, tmp_path / name, size=SMALL)
+        assert len(written) == 6 and all(p.is_file() for p in written)
+    img = image(tmp_path / "nan_3d.png").astype(int)
+    magenta = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] > 180)
+    assert magenta.mean() > 0.05  # every point diverged: the whole surface is drawn in the diverged colour
+
+
 def test_render_outputs_1d_are_line_plots(render, tmp_path: Path) -> None:
     path = write_surface(tmp_path / "one.h5", dim=1, n=51)
     written = render.render_outputs(path, tmp_path / "one")
@@ -297,11 +312,15 @@ def test_cli_without_display_writes_the_offscreen_outputs(render, bowl: Path, mo
     (["NOT_A_SURFACE"], "is not a fastland surface file"),
     ([], "give a surface file"),
     (["NOT_A_SURFACE", "--size", "12"], "size must look like"),
+    (["EMPTY", "--screenshot", "x.png"], "nothing to draw"),
 ])
 def test_cli_bad_input_is_one_error_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
-    args = [str(junk) if a == "NOT_A_SURFACE" else str(tmp_path / a) if a.endswith(".h5") else a for a in args]
+    empty = tmp_path / "empty.h5"  # created, not a single point evaluated yet
+    surfacefile.create(empty, np.linspace(-1, 1, 5), np.linspace(-1, 1, 5), [{}, {}], {"split": "train"})
+    named = {"NOT_A_SURFACE": str(junk), "EMPTY": str(empty)}
+    args = [named.get(a, str(tmp_path / a) if a.endswith((".h5", ".png")) else a) for a in args]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err.strip()
