@@ -226,9 +226,9 @@ def _fonts(*props: object) -> None:
 
 
 def _wrap(lines: list[str], plotter: pv.Plotter, font_size: int) -> str:
-    """Wrap lines of text to the width of the active panel (about 0.55 em per character)."""
+    """Wrap lines of text to the width of the active panel (DejaVu Sans: about 0.6 em per character)."""
     vp = plotter.renderer.GetViewport()
-    chars = max(20, int((vp[2] - vp[0]) * plotter.window_size[0] / (0.55 * font_size)))
+    chars = max(20, int((vp[2] - vp[0]) * plotter.window_size[0] / (0.62 * font_size)))
     return "\n".join(textwrap.fill(line, chars, subsequent_indent="  ") for line in lines)
 
 
