@@ -242,7 +242,9 @@ def test_render_outputs_1d_are_line_plots(render, tmp_path: Path) -> None:
 def test_viewer_controls_redraw_and_stay_on_screen(render, bowl: Path) -> None:
     from fastland.viz.viewer import Viewer
 
-    viewer = Viewer(surfacefile.read(bowl), size=SMALL, off_screen=True)
+    start = render.View(cmap="inferno", exaggeration=5.0, contours=50)  # outside the sliders' usual ranges
+    viewer = Viewer(surfacefile.read(bowl), start, size=SMALL, off_screen=True)
+    assert viewer.view == start  # creating the widgets must not reset what was asked for
     pl = viewer.plotter
     before = pl.screenshot(return_img=True)
     viewer.update(log=True, contours=20, cmap="plasma")

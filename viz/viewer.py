@@ -60,18 +60,21 @@ class Viewer:
 
     def _add_controls(self) -> None:
         pl, view = self.plotter, self.view
-        style = dict(pointa=None, pointb=None, color="black", style="modern", title_height=0.022,
-                     interaction_event="end")
+        # Ranges reach the starting values: PyVista calls each callback once with the initial
+        # value, and a value clamped to the range would silently replace the one asked for.
         sliders = [
-            ("z exaggeration", lambda v: self.update(exaggeration=float(v)), (0.2, 4.0), view.exaggeration, "%.1f"),
-            ("contour lines", lambda v: self.update(contours=round(v)), (0, 40), view.contours, "%.0f"),
+            ("z exaggeration", lambda v: self.update(exaggeration=float(v)), (0.2, max(4.0, view.exaggeration)),
+             view.exaggeration, "%.1f"),
+            ("contour lines", lambda v: self.update(contours=round(v)), (0, max(40, view.contours)), view.contours,
+             "%.0f"),
         ]
         for k, (title, callback, rng, value, fmt) in enumerate(sliders):
             x = 0.56 + 0.145 * k  # right of the title, above the scalar bar
-            style.update(pointa=(x, 0.93), pointb=(x + 0.12, 0.93))
-            pl.add_slider_widget(callback, rng, value=value, title=title, fmt=fmt, **style)
-        pl.add_text_slider_widget(lambda name: self.update(cmap=name), COLORMAPS,
-                                  value=COLORMAPS.index(view.cmap) if view.cmap in COLORMAPS else 0,
+            pl.add_slider_widget(callback, rng, value=value, title=title, fmt=fmt, pointa=(x, 0.93),
+                                 pointb=(x + 0.12, 0.93), color="black", style="modern", title_height=0.022,
+                                 interaction_event="end")
+        maps = COLORMAPS if view.cmap in COLORMAPS else [view.cmap, *COLORMAPS]
+        pl.add_text_slider_widget(lambda name: self.update(cmap=name), maps, value=maps.index(view.cmap),
                                   pointa=(0.85, 0.93), pointb=(0.97, 0.93), color="black", style="modern")
         boxes = [
             (lambda on: self.update(log=bool(on)), view.log),
