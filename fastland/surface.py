@@ -282,21 +282,19 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def render(surface: surfacefile.Surface, path: Path) -> list[Path]:
-    """The plots after a run: matplotlib always, PyVista renders when PyVista is installed."""
-    from fastland.viz import plots
-
+    """The pictures after a run: PyVista's full set, or matplotlib's map/line plot without PyVista."""
     prefix = path.with_suffix("")
-    written = [plots.line_png(surface, Path(f"{prefix}_line.png")) if surface.dim == 1
-               else plots.contour_png(surface, Path(f"{prefix}_contour.png"))]
     try:
-        import pyvista  # noqa: F401
+        from fastland.viz import render as viz_render
     except ImportError:
-        print("PyVista is not installed: 3-D renders skipped (install the viz extra: pip install -e .[viz])")
-        return written
-    from fastland.viz import render as viz_render
+        from fastland.viz import plots
 
-    written += viz_render.render_outputs(path, str(prefix))
-    return written
+        print("PyVista is not installed: 3-D renders skipped, matplotlib plot only (install the viz extra: "
+              "pip install -e .[viz])")
+        if surface.dim == 1:
+            return [plots.line_png(surface, Path(f"{prefix}_1d.png"))]
+        return [plots.contour_png(surface, Path(f"{prefix}_map.png"))]
+    return viz_render.render_outputs(path, str(prefix))
 
 
 def summary(s: surfacefile.Surface, path: Path, outputs: list[Path], elapsed: float, evaluated: int) -> None:

@@ -68,7 +68,9 @@ def test_end_to_end_2d(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     ev = load("synthetic", "train", 32, seed=0)
     want, _ = ReferenceEvaluator(model, space, theta, dirs, ev).evaluate(torch.tensor([[x[4], y[1]]]))
     assert loss[1, 4] == pytest.approx(want.item(), rel=1e-5)
-    assert (tmp_path / "s_contour.png").stat().st_size > 10_000 or "--no-render" in stdout
+    for suffix in ("_3d.png", "_3d_log.png", "_map.png", ".vts", ".html"):
+        assert (tmp_path / f"s{suffix}").stat().st_size > (10_000 if suffix.endswith(".png") else 500), suffix
+        assert f"wrote    {tmp_path / 's'}{suffix}" in stdout
 
 
 def test_end_to_end_1d_and_interpolation(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
