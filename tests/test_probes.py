@@ -15,6 +15,15 @@ from fastland.errors import UserError
 ETAS = probes.default_etas(0.05)  # large enough that the losses along the line visibly differ
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """One intra-op thread: on a shared 2-core machine, two threads stall on every neighbour (10-50x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _batch(n: int = 32, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=gen)
@@ -107,7 +116,7 @@ def test_probe_gradient_is_the_training_gradient() -> None:
     _, g, loss0, weights = prober.line(model, x, y)
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert torch.allclose(g, grad, rtol=1e-5, atol=1e-7)
-    assert float(loss0) == pytest.approx(float(nn.functional.cross_entropy(model(x), y)), rel=1e-6)
+    assert float(loss0) == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()), rel=1e-6)
     theta = prober.space.flatten(model)
     assert torch.allclose(weights[2], theta - ETAS[2] * g, atol=1e-7)
 
