@@ -21,10 +21,9 @@ pytest.importorskip("triton")
 
 import fastland.kernels.normalize as kn  # noqa: E402 - after the importorskip
 import fastland.kernels.perturb as kp  # noqa: E402
+from fastland import directions, models  # noqa: E402
 from fastland.kernels import dispatch  # noqa: E402
 from fastland.kernels.segments import check_table, reduce_plan, tile_plan  # noqa: E402
-
-from fastland import directions, models  # noqa: E402
 from fastland.params import SEG_FILTER, SEG_SMALL, FlatSpace  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,10 +15,10 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-from fastland.viz import plots, prepare
-from fastland.viz.__main__ import main
 
 from fastland import surfacefile
+from fastland.viz import plots, prepare
+from fastland.viz.__main__ import main
 
 SMALL = (640, 360)
 
