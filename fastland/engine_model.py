@@ -131,6 +131,7 @@ class Stem:
         b = torch.cat([v[f"{name}.bias"] for v in views]) if layer.bias is not None else None
         self.weight, self.bias = w.contiguous(), (b.contiguous() if b is not None else None)
         self.channels = layer.weight.shape[0]
+        self.pool: nn.Module | None = None  # a 2x2 max-pool right after the layer (set by ``plan``)
 
     def maps(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C, S]`` fp32: the first layer applied to ``x`` with θ's and each direction's weights."""
@@ -177,17 +178,20 @@ class Stem:
 
     def combine_one(self, maps: torch.Tensor, c: list[float], cs: tuple[torch.Tensor, torch.Tensor] | None
                     ) -> torch.Tensor:
-        """One point's first-layer output ``[B, C, *spatial]`` (fp32)."""
+        """One point's first-layer output ``[B, C, *spatial]`` (fp32), pooled if the stem owns the pool."""
         if cs is None:  # the same coefficients for every channel: scalar axpys
             out = maps[0].clone() if self.k == 1 else torch.add(maps[0], maps[1], alpha=c[0])
             for k in range(2, self.k):
                 out.add_(maps[k], alpha=c[k - 1])
         else:
-            coef, shift = cs  # [C, K], [C]
-            out = torch.addcmul(shift[:, None], maps[0], coef[:, 0, None])
+            coef = cs[0]  # [C, K]
+            out = torch.mul(maps[0], coef[:, 0, None])
             for k in range(1, self.k):
                 out.addcmul_(maps[k], coef[:, k, None])
-        return out.view(out.shape[0], self.channels, *self.spatial)
+        out = self._pool(out.view(out.shape[0], self.channels, *self.spatial))
+        if cs is not None:  # after the pool: max commutes with adding a per-channel constant
+            out.add_(cs[1].view(self.channels, *([1] * len(self.spatial))))
+        return out
 
     def combine_all(self, maps: torch.Tensor, coords: torch.Tensor,
                     cs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -197,9 +201,15 @@ class Stem:
             ck = torch.cat([torch.ones(p, 1, device=coords.device), coords.float()], 1)  # [P, K]
             out = (ck @ maps.flatten(1)).view(p, *maps.shape[1:])
         else:
-            coef, shift = cs
-            out = torch.einsum("pck,kbcs->pbcs", coef, maps) + shift[:, None, :, None]
-        return out.view(p, maps.shape[1], self.channels, *self.spatial)
+            out = torch.einsum("pck,kbcs->pbcs", cs[0], maps)
+        out = self._pool(out.reshape(p * maps.shape[1], self.channels, *self.spatial))
+        out = out.view(p, maps.shape[1], *out.shape[1:])
+        if cs is not None:
+            out.add_(cs[1].view(p, 1, self.channels, *([1] * len(self.spatial))))
+        return out
+
+    def _pool(self, out: torch.Tensor) -> torch.Tensor:
+        return self.pool(out) if self.pool is not None else out
 
 
 @dataclass
@@ -259,9 +269,12 @@ def plan(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
         for a, b in zip(kept[:-1], kept[1:], strict=True):
             if isinstance(mods[a], nn.ReLU) and _is_pool2(mods[b]):
                 mods[a], mods[b] = mods[b], mods[a]  # max and ReLU commute: ReLU on 1/4 of the values
+        if stem is not None and kept and _is_pool2(mods[kept[0]]):
+            stem.pool = Pool2x2() if fast_pool else mods[kept[0]]
+            kept = kept[1:]
         for i, n in enumerate(kept):
             mod = mods[n]
-            if isinstance(mod, nn.ReLU) and _fresh_input(mods, kept[:i]):
+            if isinstance(mod, nn.ReLU) and _fresh_input(mods, kept[:i], stem is not None):
                 mods[n] = nn.ReLU(inplace=True)
             elif fast_pool and _is_pool2(mod):
                 mods[n] = Pool2x2()
@@ -284,13 +297,13 @@ def plan(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
     return Plan(stem, body, body_names, tuple(folds))
 
 
-def _fresh_input(mods: dict[str, nn.Module], before: list[str]) -> bool:
-    """Whether the module after ``before`` receives a tensor made inside the body (so an
-    in-place ReLU cannot touch the caller's input, e.g. the cached data batch)."""
+def _fresh_input(mods: dict[str, nn.Module], before: list[str], stem: bool) -> bool:
+    """Whether the module after ``before`` receives a freshly made tensor (the stem's output,
+    or a layer's), so an in-place ReLU cannot touch the caller's input (the cached batch)."""
     for n in reversed(before):
         if not isinstance(mods[n], nn.Identity):
             return isinstance(mods[n], (nn.Conv2d, nn.Linear, _BN, nn.MaxPool2d, Pool2x2))
-    return False
+    return stem
 
 
 def _as_im2col(conv: nn.Conv2d) -> Im2colConv2d:

@@ -213,8 +213,9 @@ def test_plan_shortcuts_for_lenet_bn() -> None:
     p = plan(model, space, theta, dirs, "eval")
     assert p.stem is not None and p.stem.bn == "1" and p.stem.k == 3
     assert [f.layer for f in p.folds] == ["4", "9", "12"]
+    assert isinstance(p.stem.pool, Pool2x2)  # ReLU and pool swapped, the stem owns the pool
     kinds = [type(m).__name__ for m in p.body]
-    assert kinds[:4] == ["Pool2x2", "ReLU", "Conv2d", "Identity"]  # the stem's ReLU/pool swapped, BN folded
+    assert kinds[:4] == ["ReLU", "Conv2d", "Identity", "Pool2x2"]  # BN folded into the conv
     assert "BatchNorm2d" not in kinds and "BatchNorm1d" not in kinds
     pb = plan(model, space, theta, dirs, "batch", factorize=False)
     assert pb.stem is None and not pb.folds
