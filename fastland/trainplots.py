@@ -70,7 +70,7 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path, title: str | None = 
         axes[2].plot(step, _finite(m["beta_smooth"]), color=line, lw=0.7, label=name)
     axes[0].set(title="(a) loss landscape: loss variation", xlabel="step", ylabel="loss")
     axes[1].set(title="(b) gradient predictiveness", xlabel="step", ylabel="‖∇L(θ) − ∇L(θ − ηg)‖₂", yscale="log")
-    axes[2].set(title="(c) effective β-smoothness", xlabel="step", ylabel="max_η ‖∇L(θ) − ∇L(θ − ηg)‖ / ‖ηg‖", 
+    axes[2].set(title="(c) effective β-smoothness", xlabel="step", ylabel="max_η ‖∇L(θ) − ∇L(θ − ηg)‖ / ‖ηg‖",
                 yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -250,6 +250,14 @@ def test_compare_trains_both_and_plots(tmp_path: Path, capsys: pytest.CaptureFix
         np.testing.assert_allclose(m["beta_smooth"], (change / (etas * m["grad_norm"][:, None])).max(1), rtol=1e-6)
         assert (m["grad_norm"] > 0).all() and ((m["batch_acc"] >= 0) & (m["batch_acc"] <= 100)).all()
     assert "comparison plot" in out
+    # re-plotting saved runs from the shell
+    from fastland import trainplots
+
+    trainplots.main([str(tmp_path / "lenet"), str(tmp_path / "lenet_bn" / "metrics.csv"), "--out", str(tmp_path / "re.png")])
+    assert (tmp_path / "re.png").stat().st_size > 20_000
+    with pytest.raises(SystemExit) as exc:
+        trainplots.main([str(tmp_path / "nothing-here")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_presets_and_overrides() -> None:
