@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from fastland import data as data_mod
 from fastland import device as device_mod
 from fastland import models, probes
-from fastland.errors import UserError, cli_entry
+from fastland.errors import ArgumentParser, UserError, cli_entry
 from fastland.probes import ProbeConfig
 
 
@@ -299,17 +299,10 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
 
 
 # --- command line -----------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``error: ...`` line and exit 2, like every UserError."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m fastland.train`` options; hyper-parameters default to the preset's."""
     d, s = TrainConfig(), PRESETS["seed"]
-    p = _Parser(prog="python -m fastland.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m fastland.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--model", default=None,

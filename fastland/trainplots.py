@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: files only, no display, no global state
 
-from fastland.errors import UserError, cli_entry
+from fastland.errors import ArgumentParser, UserError, cli_entry
 from fastland.probes import read_metrics
 
 _NAMES = {"lenet": "LeNet", "lenet_bn": "LeNet + BatchNorm", "vgg16": "VGG-16", "vgg16_bn": "VGG-16 + BatchNorm"}
@@ -86,7 +86,7 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path, title: str | None = 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     """Re-plot saved runs: ``python -m fastland.trainplots RUN_DIR [RUN_DIR ...] --out FIG.png``."""
-    p = argparse.ArgumentParser(prog="python -m fastland.trainplots", description=__doc__,
+    p = ArgumentParser(prog="python -m fastland.trainplots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (or metrics.csv files); a directory named after a "
                                            "model (lenet, lenet_bn, ...) gets the paper's colors")
