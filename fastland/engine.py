@@ -225,7 +225,8 @@ class BatchedEvaluator:
         self.strategy = strategy
         if block is None:
             self.block = self._block_for(strategy)
-        per_point = self.timings[strategy] if strategy in self.timings else self._probe(strategy, reps=0)
+        # A forced strategy is timed once, warm-up included: an overestimate, fine for sizing chunks.
+        per_point = self.timings[strategy] if strategy in self.timings else self._probe_case(strategy)()
         self.seconds_per_point = per_point * n
         chunk = max(1, int(CHUNK_SECONDS / self.seconds_per_point))
         if chunk >= self.block:
@@ -298,36 +299,46 @@ class BatchedEvaluator:
         return maps, stats
 
     # --- strategy choice ------------------------------------------------------------
-    def _probe(self, strategy: str, reps: int = 2) -> float:
-        """Seconds per point-image of ``strategy`` on a small probe: a slice of the first batch,
-        about 0.1 s of work on the CPU; the best of ``reps`` timed runs after a warm-up (with
-        ``reps=0``, the warm-up itself: an overestimate, good enough to size chunks)."""
+    def _probe_case(self, strategy: str) -> Callable[[], float]:
+        """A timed run of ``strategy`` on a small probe (a slice of the first batch, about 0.1 s
+        of work on the CPU): returns a function giving seconds per point-image."""
         cpu = self.device.type == "cpu"
         point_images = max(16, int((2e10 if cpu else 2e12) / (2 * max(1, self.macs_per_image_factorized))))
         points = max(1, min(self.block, 8 if cpu else self.block, point_images // 8))
         images = max(min(8, self._x[0].shape[0]), min(self._x[0].shape[0], point_images // points))
         x, y = self._x[0][:images], self._y[0][:images]
         coords = torch.linspace(-0.5, 0.5, points, device=self.device)[:, None].expand(points, self.dirs.shape[0])
+        coords = coords.contiguous()
         p = self._plan(strategy)
         maps = stats = None
         if p.stem is not None:
             maps = p.stem.maps(x)
             stats = p.stem.batch_stats(maps) if (p.stem.bn is not None and p.stem.running is None) else None
-        best = math.inf
-        for rep in range(reps + 1):
+
+        def timed() -> float:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
-            self._block_batch(strategy, p, coords.contiguous(), x, y, maps, stats)
+            self._block_batch(strategy, p, coords, x, y, maps, stats)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            if rep or not reps:
-                best = min(best, time.perf_counter() - t0)
-        return best / (points * images)
+            return (time.perf_counter() - t0) / (points * images)
 
-    def _tune(self, candidates: tuple[str, ...]) -> str:
-        for s in candidates:
-            self.timings[s] = self._probe(s)
+        return timed
+
+    def _tune(self, candidates: tuple[str, ...], rounds: int = 4) -> str:
+        """The fastest of ``candidates`` on the probe. Rounds interleave the candidates and each
+        keeps its best time, so a burst of load from a neighbour hits all of them alike; a
+        candidate 3× slower than the best after a round is dropped."""
+        cases = {s: self._probe_case(s) for s in candidates}
+        for run in cases.values():
+            run()  # warm-up: first-call allocations and kernel selection
+        alive = list(candidates)
+        for _ in range(rounds):
+            for s in alive:
+                self.timings[s] = min(self.timings.get(s, math.inf), cases[s]())
+            best = min(self.timings[s] for s in alive)
+            alive = [s for s in alive if self.timings[s] <= 3 * best]
         return min(self.timings, key=self.timings.get)
 
     # --- evaluation -------------------------------------------------------------------
