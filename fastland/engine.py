@@ -216,7 +216,6 @@ class BatchedEvaluator:
 
         # Points per block: the block's weights [P, N] (fp32, folded, compute-dtype copies) and,
         # for the vmap strategies, its activations must fit in MEMORY_FRACTION of free memory.
-        self._act_floats = activation_floats_per_image(p0.body, self._body_input_sample(p0).float())
         self._free = free
         self.block = int(block) if block is not None else self._block_for("vmap")
         self.timings: dict[str, float] = {}
@@ -256,9 +255,17 @@ class BatchedEvaluator:
 
     def _block_for(self, strategy: str) -> int:
         """Points per block that fit in MEMORY_FRACTION of free memory (at most 256 on the CPU,
-        where a block only bounds the weights held at once, 1024 on CUDA)."""
+        where a block only bounds the weights held at once, 1024 on CUDA). The vmap strategies
+        hold every point's activations at once: the largest layer input + output (im2col's
+        unfolded patches included), the stem's unpooled output, and a factor 3 of slack."""
         weights = self.space.numel * 4 * 3
-        acts = 0 if strategy == "loop" else self.batch * self._act_floats * 4 * 3
+        acts = 0
+        if strategy != "loop":
+            p = self._plan(strategy)
+            floats = activation_floats_per_image(p.body, self._body_input_sample(p).float())
+            if p.stem is not None:
+                floats = max(floats, 2 * p.stem.channels * math.prod(p.stem.spatial))  # combined + pooled
+            acts = self.batch * floats * 4 * 3
         cap = 256 if self.device.type == "cpu" else 1024
         return max(1, min(cap, int(MEMORY_FRACTION * self._free) // (weights + acts)))
 
@@ -304,7 +311,8 @@ class BatchedEvaluator:
         of work on the CPU): returns a function giving seconds per point-image."""
         cpu = self.device.type == "cpu"
         point_images = max(16, int((2e10 if cpu else 2e12) / (2 * max(1, self.macs_per_image_factorized))))
-        points = max(1, min(self.block, 8 if cpu else self.block, point_images // 8))
+        block = self._block_for(strategy)
+        points = max(1, min(block, 8 if cpu else block, point_images // 8))
         images = max(min(8, self._x[0].shape[0]), min(self._x[0].shape[0], point_images // points))
         x, y = self._x[0][:images], self._y[0][:images]
         coords = torch.linspace(-0.5, 0.5, points, device=self.device)[:, None].expand(points, self.dirs.shape[0])
@@ -331,9 +339,19 @@ class BatchedEvaluator:
         keeps its best time, so a burst of load from a neighbour hits all of them alike; a
         candidate 3× slower than the best after a round is dropped."""
         cases = {s: self._probe_case(s) for s in candidates}
-        for run in cases.values():
-            run()  # warm-up: first-call allocations and kernel selection
-        alive = list(candidates)
+        alive = []
+        for s, run in cases.items():
+            try:
+                run()  # warm-up: first-call allocations and kernel selection
+                alive.append(s)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if not is_oom(err):
+                    raise
+                self.timings[s] = math.inf  # does not fit even at its own block size: not a candidate
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if not alive:
+            raise UserError("the model does not fit in device memory with any strategy, even one point at a time")
         for _ in range(rounds):
             for s in alive:
                 self.timings[s] = min(self.timings.get(s, math.inf), cases[s]())

@@ -349,7 +349,8 @@ def activation_floats_per_image(body: nn.Module, h: torch.Tensor) -> int:
 
     def hook(m: nn.Module, inp: tuple, out: object) -> None:
         if isinstance(out, torch.Tensor) and inp and isinstance(inp[0], torch.Tensor):
-            peak.append((inp[0].numel() + out.numel()) // n)
+            patches = m.weight[0].numel() * out[0, 0].numel() if isinstance(m, Im2colConv2d) else 0
+            peak.append((inp[0].numel() + out.numel()) // n + patches)
 
     hooks = [mod.register_forward_hook(hook) for mod in body.modules() if not list(mod.children())]
     try:
