@@ -88,21 +88,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """TF32 matmuls and convolutions inside the block (CUDA only); the global settings are restored."""
-    if precision != "tf32" or device.type != "cuda":
+    """On CUDA, fp32 matmuls and convolutions run as TF32 for ``tf32`` and as true fp32 (IEEE)
+    otherwise; PyTorch's own default lets cuDNN convolutions use TF32, which would make an
+    "fp32" run silently TF32. The global settings are restored afterwards. No-op on the CPU."""
+    if device.type != "cuda":
         yield
         return
+    tf32 = precision == "tf32"
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = (mm.fp32_precision, conv.fp32_precision)
+        mm.fp32_precision = conv.fp32_precision = "tf32" if tf32 else "ieee"
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+            mm.fp32_precision, conv.fp32_precision = saved
     else:
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:
@@ -183,7 +186,6 @@ class BatchedEvaluator:
         self.theta = theta.to(self.device, torch.float32)
         self.dirs = dirs.to(self.device, torch.float32)
         self.verbose = verbose
-        model = model.to(self.device)
         self._options = {"factorize": factorize, "fold_bn": fold_bn, "fast_pool": self.device.type == "cpu"}
         self._plans: dict[str, Plan] = {}
         # BN that normalizes with batch statistics fixes the data batch (same partition as the reference).
@@ -293,12 +295,17 @@ class BatchedEvaluator:
         cs = p.stem.coefficients(coords, views, p.stem.batch_stats(maps) if p.stem.running is None else None)
         return p.stem.combine_all(maps, coords, cs)[0]  # [2, ...]
 
+    def _maps_of(self, p: Plan, x: torch.Tensor) -> torch.Tensor:
+        """The stem's maps of ``x``, computed in this evaluator's precision (true fp32 for fp32 on CUDA)."""
+        with precision_context(self.precision, self.device):
+            return p.stem.maps(x)
+
     def _stem_maps(self, p: Plan, j: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """First-layer maps (and their batch statistics, when a BN uses them) of batch ``j``; cached
         while they fit in MAPS_CACHE_FRACTION of the free memory seen at start."""
         if j in self._maps:
             return self._maps[j]
-        maps = p.stem.maps(self._x[j])
+        maps = self._maps_of(p, self._x[j])
         stats = p.stem.batch_stats(maps) if (p.stem.bn is not None and p.stem.running is None) else None
         used = sum(m.numel() * m.element_size() for m, _ in self._maps.values())
         if used + maps.numel() * maps.element_size() <= self._maps_budget:
@@ -320,7 +327,7 @@ class BatchedEvaluator:
         p = self._plan(strategy)
         maps = stats = None
         if p.stem is not None:
-            maps = p.stem.maps(x)
+            maps = self._maps_of(p, x)
             stats = p.stem.batch_stats(maps) if (p.stem.bn is not None and p.stem.running is None) else None
 
         def timed() -> float:
@@ -421,9 +428,12 @@ class BatchedEvaluator:
                 self._set_batch(batch)
                 return self._evaluate_block(coords[start : start + block].contiguous())
 
-            (loss, correct), self.block, batch = run_with_backoff(
-                attempt, self.block, self.batch, self.batch_fixed,
+            want = min(self.block, coords.shape[0] - start)
+            (loss, correct), used, batch = run_with_backoff(
+                attempt, want, self.batch, self.batch_fixed,
                 lambda b, bs: self._say(f"engine: out of memory; retrying with {b} points per block x {bs} images"))
+            if used < want:
+                self.block = used  # remember the back-off for the next blocks and calls
             self._set_batch(batch)
             losses.append(loss)
             corrects.append(correct)

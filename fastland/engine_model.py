@@ -243,7 +243,7 @@ def plan(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
     whole (its pools are still rewritten). ``theta`` and ``dirs`` must be on the model's
     device.
     """
-    m = prepare_model(model, bn_mode)
+    m = prepare_model(model, bn_mode).to(theta.device)  # a private copy: the caller's model stays put
     stem, folds = None, []
     if isinstance(m, nn.Sequential):
         names = [n for n, _ in m.named_children()]
