@@ -216,18 +216,12 @@ class BatchedEvaluator:
         self._maps_budget = int(MAPS_CACHE_FRACTION * free)
         self._maps: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
-        # Points per block: the block's weights [P, N] (fp32, folded, compute-dtype copies) and,
-        # for the vmap strategies, its activations must fit in MEMORY_FRACTION of free memory.
         self._free = free
-        self.block = int(block) if block is not None else self._block_for("vmap")
         self.timings: dict[str, float] = {}
-        if strategy == "auto":
-            strategy = self._tune(self._candidates())
-        self.strategy = strategy
-        if block is None:
-            self.block = self._block_for(strategy)
+        self.strategy = self._tune(STRATEGIES) if strategy == "auto" else strategy
+        self.block = int(block) if block is not None else self._block_for(self.strategy)
         # A forced strategy is timed once, warm-up included: an overestimate, fine for sizing chunks.
-        per_point = self.timings[strategy] if strategy in self.timings else self._probe_case(strategy)()
+        per_point = self.timings.get(self.strategy) or self._probe_case(self.strategy)()
         self.seconds_per_point = per_point * n
         chunk = max(1, int(CHUNK_SECONDS / self.seconds_per_point))
         if chunk >= self.block:
@@ -251,9 +245,6 @@ class BatchedEvaluator:
                 f"{f' (probe µs per point-image: {tim})' if tim else ''}, {self.precision}; "
                 f"{self.block} points per block x {self.batch} images per batch, {self.chunk_size} points per chunk"
                 f"{'; ' + ', '.join(shortcuts) if shortcuts else ''}{mem}")
-
-    def _candidates(self) -> tuple[str, ...]:
-        return STRATEGIES
 
     def _block_for(self, strategy: str) -> int:
         """Points per block that fit in MEMORY_FRACTION of free memory (at most 256 on the CPU,
@@ -292,8 +283,8 @@ class BatchedEvaluator:
         maps = p.stem.maps(x)
         coords = torch.zeros(1, self.dirs.shape[0], device=self.device)
         views = self.space.batch_views(directions.perturb(self.theta, self.dirs, coords))
-        cs = p.stem.coefficients(coords, views, p.stem.batch_stats(maps) if p.stem.running is None else None)
-        return p.stem.combine_all(maps, coords, cs)[0]  # [2, ...]
+        stats = p.stem.batch_stats(maps) if (p.stem.bn is not None and p.stem.running is None) else None
+        return p.stem.combine_all(maps, coords, p.stem.coefficients(coords, views, stats))[0]  # [2, ...]
 
     def _maps_of(self, p: Plan, x: torch.Tensor) -> torch.Tensor:
         """The stem's maps of ``x``, computed in this evaluator's precision (true fp32 for fp32 on CUDA)."""
