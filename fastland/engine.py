@@ -167,14 +167,18 @@ class BatchedEvaluator:
     [P, D]) -> (mean loss [P], accuracy % [P])`` as fp64 CPU tensors. In ``bn_mode='batch'``
     BN normalizes each ``batch_size`` slice of the evaluation set (in order) with its own
     statistics; in ``eval`` mode the data batch is the engine's to choose.
+
+    ``strategy``, ``factorize``, ``fold_bn`` and ``fast_pool`` (None: on the CPU only) switch
+    the strategy and the exact shortcuts, for tests and benchmarks; ``block`` (points per
+    block) and ``batch`` (images per data batch, eval mode) override the sizing.
     """
 
     name = "batched"
 
     def __init__(self, model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Tensor,
                  evalset: EvalSet, bn_mode: str = "eval", batch_size: int = 128, precision: str = "auto",
-                 strategy: str = "auto", factorize: bool = True, fold_bn: bool = True, block: int | None = None,
-                 batch: int | None = None, verbose: bool = True) -> None:
+                 strategy: str = "auto", factorize: bool = True, fold_bn: bool = True, fast_pool: bool | None = None,
+                 block: int | None = None, batch: int | None = None, verbose: bool = True) -> None:
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {bn_mode!r}; use eval or batch")
         if strategy not in ("auto", *STRATEGIES):
@@ -186,7 +190,9 @@ class BatchedEvaluator:
         self.theta = theta.to(self.device, torch.float32)
         self.dirs = dirs.to(self.device, torch.float32)
         self.verbose = verbose
-        self._options = {"factorize": factorize, "fold_bn": fold_bn, "fast_pool": self.device.type == "cpu"}
+        # Pool2x2 is much faster than max_pool2d on the CPU; on CUDA max_pool2d is one kernel.
+        fast_pool = self.device.type == "cpu" if fast_pool is None else fast_pool
+        self._options = {"factorize": factorize, "fold_bn": fold_bn, "fast_pool": fast_pool}
         self._plans: dict[str, Plan] = {}
         # BN that normalizes with batch statistics fixes the data batch (same partition as the reference).
         self.batch_fixed = bn_mode == "batch" or any(

@@ -87,6 +87,13 @@ def test_lenet_bn_without_folding_matches_reference(strategy: str) -> None:
     check("lenet_bn", "eval", strategy, samples=16, points=4, scale=1.0, batch_size=8, fold_bn=False)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_cuda_plan_on_the_cpu_matches_reference(bn_mode: str, strategy: str) -> None:
+    """The plan used on CUDA (max_pool2d kept, also inside the stem) checked here on the CPU."""
+    check("lenet_bn", bn_mode, strategy, samples=16, points=4, scale=1.0, batch_size=8, fast_pool=False)
+
+
 def test_short_last_batch_and_1d_directions() -> None:
     """20 samples in batches of 8 (the last one short), one direction."""
     model, space, theta, dirs, ev = setup("lenet_bn", 20, seed=3, dim=1)
