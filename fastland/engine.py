@@ -381,11 +381,8 @@ class BatchedEvaluator:
                     xd = x.to(self.dtype)
                     logits = looped_forward(p.body, params, lambda i: xd, points)
                 else:
-                    c = coords.tolist()
-                    logits = looped_forward(
-                        p.body, params,
-                        lambda i: p.stem.combine_one(maps, c[i], None if cs is None else (cs[0][i], cs[1][i])
-                                                     ).to(self.dtype), points)
+                    inputs = p.stem.point_inputs(maps, coords, cs)
+                    logits = looped_forward(p.body, params, lambda i: inputs(i).to(self.dtype), points)
             elif p.stem is None:
                 logits = batched_forward(p.body, params, x.to(self.dtype), shared_input=True)
             else:

@@ -27,6 +27,7 @@ evaluator in ``tests/test_engine.py``:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -176,22 +177,48 @@ class Stem:
         coef = ck[:, None, :] * s[:, :, None]  # [P, C, K]
         return coef.float(), shift.float()
 
-    def combine_one(self, maps: torch.Tensor, c: list[float], cs: tuple[torch.Tensor, torch.Tensor] | None
-                    ) -> torch.Tensor:
-        """One point's first-layer output ``[B, C, *spatial]`` (fp32), pooled if the stem owns the pool."""
-        if cs is None:  # the same coefficients for every channel: scalar axpys
-            out = maps[0].clone() if self.k == 1 else torch.add(maps[0], maps[1], alpha=c[0])
-            for k in range(2, self.k):
-                out.add_(maps[k], alpha=c[k - 1])
-        else:
-            coef = cs[0]  # [C, K]
-            out = torch.mul(maps[0], coef[:, 0, None])
-            for k in range(1, self.k):
-                out.addcmul_(maps[k], coef[:, k, None])
-        out = self._pool(out.view(out.shape[0], self.channels, *self.spatial))
-        if cs is not None:  # after the pool: max commutes with adding a per-channel constant
-            out.add_(cs[1].view(self.channels, *([1] * len(self.spatial))))
-        return out
+    def point_inputs(self, maps: torch.Tensor, coords: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor] | None
+                     ) -> Callable[[int], torch.Tensor]:
+        """``f(i)``: point i's first-layer output ``[B, C, *spatial]`` (fp32; pooled if the stem
+        owns the pool), one point at a time for the loop strategy. Two exact savings:
+
+        - a BN scale shared by every point (eval mode, γ not perturbed: ``coef[p, c, k] =
+          c_pk · s_c``) is applied to the maps once per block, so each point's combination is
+          the same scalar axpy as without BN;
+        - points of one grid row (same last coordinate, consecutive in the surface's order)
+          share the partial sum ``maps[0] + c_D · maps[D]``: per point one pass over the maps
+          instead of D.
+        """
+        c = coords.tolist()
+        coef, shift = cs if cs is not None else (None, None)
+        if coef is not None and bool((coef[:, :, 0] == coef[:1, :, 0]).all()):
+            maps = maps * coef[0, :, 0].view(1, 1, -1, 1)  # coef[p, c, 0] = s_c: the scale, shared
+            coef = None
+        row: dict[str, object] = {}
+
+        def scalar_axpys(ci: list[float]) -> torch.Tensor:
+            if self.k == 2:  # one direction: a single pass anyway
+                return torch.add(maps[0], maps[1], alpha=ci[0])
+            if row.get("key") != ci[-1]:  # a new grid row: its partial sum, once
+                row["key"], row["base"] = ci[-1], torch.add(maps[0], maps[-1], alpha=ci[-1])
+            out = torch.add(row["base"], maps[1], alpha=ci[0])
+            for k in range(2, self.k - 1):
+                out.add_(maps[k], alpha=ci[k - 1])
+            return out
+
+        def one(i: int) -> torch.Tensor:
+            if coef is None:
+                out = scalar_axpys(c[i])
+            else:
+                out = torch.mul(maps[0], coef[i, :, 0, None])
+                for k in range(1, self.k):
+                    out.addcmul_(maps[k], coef[i, :, k, None])
+            out = self._pool(out.view(out.shape[0], self.channels, *self.spatial))
+            if shift is not None:  # after the pool: max commutes with adding a per-channel constant
+                out.add_(shift[i].view(self.channels, *([1] * len(self.spatial))))
+            return out
+
+        return one
 
     def combine_all(self, maps: torch.Tensor, coords: torch.Tensor,
                     cs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

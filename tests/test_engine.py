@@ -94,6 +94,25 @@ def test_cuda_plan_on_the_cpu_matches_reference(bn_mode: str, strategy: str) -> 
     check("lenet_bn", bn_mode, strategy, samples=16, points=4, scale=1.0, batch_size=8, fast_pool=False)
 
 
+@pytest.mark.parametrize("name", ["lenet", "lenet_bn"])
+def test_grid_rows_and_shared_bn_scale(name: str) -> None:
+    """A row-major grid (points of a row share their partial sum) with ignore='biasbn' (γ not
+    perturbed: one BN scale for every point, applied to the stem's maps once)."""
+    model = random_model(name, 4)
+    ev = data.load("synthetic", "test", 16, seed=4)
+    space = FlatSpace(model)
+    theta = space.flatten(model)
+    dirs = directions.make(space, theta, dim=2, seed=4)
+    xs = torch.linspace(-1, 1, 4)
+    coords = torch.stack([xs.repeat(3), torch.linspace(-1, 1, 3).repeat_interleave(4)], 1)
+    want = ReferenceEvaluator(model, space, theta, dirs, ev, "eval", 8).evaluate(coords)
+    engine = BatchedEvaluator(model, space, theta, dirs, ev, strategy="loop", block=5, verbose=False)
+    got = engine.evaluate(coords)
+    assert want[0].std() > 0.05 * want[0].mean()
+    torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
 def test_short_last_batch_and_1d_directions() -> None:
     """20 samples in batches of 8 (the last one short), one direction."""
     model, space, theta, dirs, ev = setup("lenet_bn", 20, seed=3, dim=1)
