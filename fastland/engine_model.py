@@ -11,7 +11,11 @@ evaluator in ``tests/test_engine.py``:
   right after it is folded into the combination coefficients, in eval mode from the
   running statistics, and in batch mode from the per-batch mean and 3×3 covariance of
   the maps (the batch statistics of a linear combination are a quadratic form in its
-  coefficients), so no per-point pass computes statistics.
+  coefficients), so no per-point pass computes statistics. A max-pool right after it
+  (once ReLU and pool are swapped) belongs to the stem, which adds the BN shift after
+  pooling. In the loop strategy each point costs one pass over the maps: a grid row
+  shares ``maps[0] + β·maps[2]``, and a BN scale common to all points (γ unperturbed)
+  is applied to the maps once per block.
 - ``fold_bn``: in eval mode, ``conv → BN`` becomes a conv with per-point folded weights
   ``w·s`` and bias ``(b − μ)·s + β``, ``s = γ/√(σ² + ε)``: one pass fewer per BN layer.
 - ``Pool2x2``: ``MaxPool2d(2)`` as two ``torch.maximum`` over strided views. Identical
