@@ -6,6 +6,7 @@ import argparse
 import functools
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,11 +19,18 @@ class UserError(Exception):
     """A mistake the user can fix: the message says what was wrong and what to do."""
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    """Warnings in a CLI read ``warning: ...``, without a source path and line."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def cli_entry(main: F) -> F:
     """Wrap a CLI ``main``: a ``UserError`` prints ``error: ...`` and exits 2; Ctrl-C exits 130."""
 
     @functools.wraps(main)
     def wrapper(*args: object, **kwargs: object) -> object:
+        warnings.showwarning = _one_line_warning
         try:
             return main(*args, **kwargs)
         except UserError as err:

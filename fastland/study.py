@@ -150,8 +150,6 @@ def run_study(args: argparse.Namespace) -> Path:
     print(f"study: {', '.join(cfg['models'])} on {source} data ({len(trainset):,} training samples, "
           f"{cfg['epochs']} epochs, probes every {cfg['probe_every']} step(s)); surfaces {cfg['res']}x{cfg['res']}; "
           f"out {out}")
-    if trainset.warning:
-        print(f"warning: {trainset.warning}")
     eval_train = data_mod.load(source, "train", cfg["eval_samples"], seed=1, device=dev)
     eval_test = data_mod.load(source, "test", cfg["eval_samples"], seed=1, device=dev)
     results: dict[str, dict[str, Any]] = {}

@@ -209,8 +209,6 @@ def run(args: argparse.Namespace) -> Path:
     samples = args.samples if args.samples is not None else (
         DEFAULT_CUDA_SAMPLES if dev.type == "cuda" else DEFAULT_CPU_SAMPLES)
     evalset = data_mod.load(args.data, args.split, samples, seed=args.sample_seed, device=dev)
-    if evalset.warning:
-        print(f"warning: {evalset.warning}")
     ckpt_path = resolve_checkpoint(args, evalset.source, dev)
     model, name, meta = models.load_checkpoint(ckpt_path, dev, expect=args.model)
     space = FlatSpace(model)
