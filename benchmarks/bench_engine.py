@@ -74,28 +74,10 @@ def sizes(gpu_sizes: bool) -> Sizes:
 
 
 # --- setup ---------------------------------------------------------------------------------
-def random_model(name: str, seed: int = 0) -> nn.Module:
-    """Random Kaiming weights, non-zero biases and BN statistics (as after training, no zeros)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = models.create(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / m.weight[0].numel()) ** 0.5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-    return model.to(DEVICE)
-
-
 @functools.cache
 def problem(name: str, images: int) -> tuple[nn.Module, FlatSpace, torch.Tensor, torch.Tensor, data.EvalSet]:
     """Model, flat space, θ, two filter-normalized directions and the evaluation set."""
-    model = random_model(name)
+    model = models.randomized(name).to(DEVICE)
     space = FlatSpace(model)
     theta = space.flatten(model)
     dirs = directions.make(space, theta, dim=2, seed=1)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastland.kernels import dispatch
 
 from fastland import directions, models
+from fastland.kernels import dispatch
 from fastland.params import FlatSpace
 
 # One compiled graph per (case, shape), all kept (the name changed across torch versions).

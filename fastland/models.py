@@ -58,6 +58,27 @@ def create(name: str) -> nn.Module:
     return _lenet(bn) if name.startswith("lenet") else _vgg16(bn)
 
 
+def randomized(name: str, seed: int = 0) -> nn.Module:
+    """A model with random Kaiming weights, non-zero biases and random BN affine parameters and
+    running statistics: like a trained model, no zero tensors. For tests and benchmarks, which
+    need a non-flat loss without training first."""
+    gen = torch.Generator().manual_seed(seed)
+    model = create(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+    return model
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from fastland import data, directions, models, surface
@@ -24,27 +23,8 @@ from fastland.reference import ReferenceEvaluator
 RTOL = 1e-5
 
 
-def random_model(name: str, seed: int) -> nn.Module:
-    """A model with random weights that give a non-flat loss, and random BN statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    model = models.create(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-    return model
-
-
 def setup(name: str, samples: int, seed: int = 0, dim: int = 2):
-    model = random_model(name, seed)
+    model = models.randomized(name, seed)
     evalset = data.load("synthetic", "test", samples, seed=seed)
     space = FlatSpace(model)
     theta = space.flatten(model)
@@ -98,7 +78,7 @@ def test_cuda_plan_on_the_cpu_matches_reference(bn_mode: str, strategy: str) -> 
 def test_grid_rows_and_shared_bn_scale(name: str) -> None:
     """A row-major grid (points of a row share their partial sum) with ignore='biasbn' (γ not
     perturbed: one BN scale for every point, applied to the stem's maps once)."""
-    model = random_model(name, 4)
+    model = models.randomized(name, 4)
     ev = data.load("synthetic", "test", 16, seed=4)
     space = FlatSpace(model)
     theta = space.flatten(model)

@@ -15,13 +15,7 @@ from fastland.errors import UserError
 ETAS = probes.default_etas(0.05)  # large enough that the losses along the line visibly differ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """One intra-op thread: on a shared 2-core machine, two threads stall on every neighbour (10-50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 32, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """One intra-op thread: on a shared 2-core machine, two threads stall on every neighbour (10-50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
