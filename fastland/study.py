@@ -26,12 +26,13 @@ from fastland import models, probes, surface, surfacefile
 from fastland.errors import ArgumentParser, UserError, cli_entry
 from fastland.params import FlatSpace
 from fastland.reference import ReferenceEvaluator
+from fastland.train import PRESETS as TRAIN_PRESETS
 from fastland.train import TrainConfig, train
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The LeNet pair on a laptop CPU in minutes: fewer samples and epochs, a probe every other step.
-    "quick": {"models": ["lenet", "lenet_bn"], "epochs": 4, "train_samples": "10000", "probe_every": 2,
-              "res": 41, "samples": "256", "eval_samples": "2000"},
+    "quick": {"models": ["lenet", "lenet_bn"], "epochs": 6, "train_samples": "20000", "probe_every": 1,
+              "res": 51, "samples": "512", "eval_samples": "5000"},
     # The seed's experiment: four models, 20 epochs of Adam (lr 0.01, batch 128), probes at every step.
     "seed": {"models": ["lenet", "lenet_bn", "vgg16", "vgg16_bn"], "epochs": 20, "train_samples": "all",
              "probe_every": 1, "res": 51, "samples": None, "eval_samples": "10000"},
@@ -111,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m fastland.study", description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="quick", choices=tuple(PRESETS),
-                   help="quick: LeNet with and without BN, 4 epochs on 10,000 samples, 41x41 surfaces (minutes on a "
+                   help="quick: LeNet with and without BN, 6 epochs on 20,000 samples, 51x51 surfaces (minutes on a "
                         "CPU); seed: LeNet and VGG-16 each with and without BN, 20 epochs on all data, 51x51")
     p.add_argument("--models", nargs="+", default=None, choices=models.MODELS, help="override the preset's models")
+    p.add_argument("--train-preset", default="seed", choices=tuple(TRAIN_PRESETS),
+                   help="optimizer settings: seed (Adam, lr 0.01, batch 128) or santurkar (SGD, lr 0.1, batch 128)")
+    p.add_argument("--lr", type=float, default=None, help="override the training preset's learning rate")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--train-samples", default=None, help="training samples: a number or 'all'")
     p.add_argument("--probe-every", type=int, default=None, help="probe every K-th step")
@@ -155,8 +159,11 @@ def run_study(args: argparse.Namespace) -> Path:
     results: dict[str, dict[str, Any]] = {}
     for name in cfg["models"]:
         run_dir = out / name / "train"
+        opt = TRAIN_PRESETS[args.train_preset]
+        cfg["optimizer"], cfg["lr"] = opt["optimizer"], args.lr if args.lr is not None else opt["lr"]
         tcfg = TrainConfig(model=name, data=source, samples=str(cfg["train_samples"]), epochs=int(cfg["epochs"]),
-                           seed=args.seed, device=str(dev))
+                           seed=args.seed, device=str(dev), optimizer=opt["optimizer"], batch=opt["batch"],
+                           lr=args.lr if args.lr is not None else opt["lr"], momentum=opt["momentum"])
         probe = probes.ProbeConfig(every=int(cfg["probe_every"]))
         final = stages.run(f"{name}: train with probes", train, tcfg, run_dir, probe, True, trainset)
         r = results[name] = {}
@@ -260,7 +267,8 @@ def write_report(out: Path, args: argparse.Namespace, cfg: dict[str, Any], train
     ]
     synthetic = trainset.source == "synthetic"
     intro = [
-        f"Preset `{args.preset}`: {', '.join(names)}; {cfg['epochs']} epochs of Adam (lr 0.01, batch 128) on "
+        f"Preset `{args.preset}`: {', '.join(names)}; {cfg['epochs']} epochs of {cfg['optimizer']} (lr {cfg['lr']}, batch "
+        f"128) on "
         f"{len(trainset):,} training samples; the smoothness probes every {cfg['probe_every']} step(s) over 8 step "
         f"lengths η from 0.5·lr to 4·lr (Santurkar et al.); {cfg['res']}×{cfg['res']} filter-normalized surfaces in "
         f"[−1, 1]², BN in {args.bn_mode} mode (Li et al.).",
@@ -271,6 +279,7 @@ def write_report(out: Path, args: argparse.Namespace, cfg: dict[str, Any], train
         "The rise at radius r is the loss above the surface's minimum, over the grid points at distance r from it "
         "(mean / max). Total wall time: " + f"{sum(stages.done.values()):.0f}s.",
     ]
+    intro += findings(names, results)
     (out / "report.md").write_text(_markdown(intro, header, rows, figures, out))
     (out / "report.html").write_text(_html(intro, header, rows, figures, out))
     (out / "results.json").write_text(json.dumps({n: {k: v for k, v in r.items() if k != "surface"}
@@ -278,6 +287,47 @@ def write_report(out: Path, args: argparse.Namespace, cfg: dict[str, Any], train
     print(f"\nreport: {out / 'report.md'} and {out / 'report.html'}")
     print(_markdown_table(header, rows))
     return out / "report.md"
+
+
+CHANCE_ACC = 100.0 / data_mod.NUM_CLASSES
+
+
+def learned(r: dict[str, Any]) -> bool:
+    """Whether a run learned anything: final train accuracy well above chance (10%)."""
+    return bool(r["train_acc"] > 1.5 * CHANCE_ACC)
+
+
+def findings(names: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """Plain sentences comparing each architecture with and without BN, from the table's numbers.
+
+    A run that stayed at chance is called out: its flat surface and small β-smoothness are
+    those of a network whose output no longer depends on its input, not evidence of smoothness.
+    """
+    out = []
+    for n in names:
+        if not learned(results[n]):
+            out.append(f"**{n} did not learn** (final train accuracy {results[n]['train_acc']:.1f}%, chance is "
+                       f"{CHANCE_ACC:.0f}%): its flat surface and small β-smoothness describe a collapsed network, "
+                       "so its numbers are not evidence that its landscape is smooth.")
+    for arch, group in _pairs(names):
+        if arch not in group or f"{arch}_bn" not in group:
+            continue
+        a, b = results[arch], results[f"{arch}_bn"]
+        if not (learned(a) and learned(b)):
+            out.append(f"{arch} vs {arch}_bn: no like-for-like comparison of smoothness, because one of them did not "
+                       "learn; that BatchNorm kept training alive at this learning rate is itself the finding.")
+            continue
+
+        def cmp(key: str, what: str, a: dict[str, Any] = a, b: dict[str, Any] = b) -> str:
+            lo = "with" if b[key] < a[key] else "without"
+            return f"{what} is lower {lo} BN ({_f(b[key])} with, {_f(a[key])} without)"
+
+        out.append(f"{arch} vs {arch}_bn: " + "; ".join([
+            cmp("beta_median", "the median effective β-smoothness"),
+            cmp("band_median", "the median loss-variation band"),
+            cmp("rise_mean_0.5", "the mean loss rise at radius 0.5 on the surface"),
+        ]) + ".")
+    return out
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -60,3 +60,23 @@ def test_tiny_study_end_to_end_and_reuse(tmp_path: Path, monkeypatch: pytest.Mon
     assert "finished before" in printed and "epoch 1/1" not in printed and "0 to evaluate" in printed
     again = json.loads((out / "stages.json").read_text())
     assert {k: v for k, v in again.items() if k != "figures"} == {k: v for k, v in stages.items() if k != "figures"}
+
+
+def _result(acc: float, beta: float, band: float, rise: float) -> dict[str, float]:
+    return {"train_acc": acc, "beta_median": beta, "band_median": band, "rise_mean_0.5": rise}
+
+
+def test_findings_compare_like_with_like() -> None:
+    both = study.findings(["lenet", "lenet_bn"], {"lenet": _result(60, 5.0, 0.2, 3.0),
+                                                   "lenet_bn": _result(70, 2.0, 0.1, 4.0)})
+    assert len(both) == 1
+    assert "β-smoothness is lower with BN" in both[0] and "band is lower with BN" in both[0]
+    assert "radius 0.5 on the surface is lower without BN" in both[0]
+
+
+def test_findings_flag_a_collapsed_run() -> None:
+    dead = study.findings(["lenet", "lenet_bn"], {"lenet": _result(10.2, 0.1, 1e-4, 1e-4),
+                                                   "lenet_bn": _result(80, 9.0, 0.02, 0.4)})
+    assert any("lenet did not learn" in f for f in dead)
+    assert any("no like-for-like comparison" in f for f in dead)
+    assert not any("is lower with BN" in f for f in dead)
