@@ -176,7 +176,8 @@ def run_study(args: argparse.Namespace) -> Path:
         stages.run(f"{name}: evaluate", evaluate)
         r.update(probe_stats(run_dir / "metrics.csv"))
         surf = out / name / "surface.h5"
-        argv = ["--model", name, "--checkpoint", str(final), "--data", source, "--res", str(cfg["res"]),
+        # The user's --data, not the resolved source, so an 'auto' fallback keeps its warning in the file.
+        argv = ["--model", name, "--checkpoint", str(final), "--data", args.data, "--res", str(cfg["res"]),
                 "--bn-mode", args.bn_mode, "--device", str(dev), "--seed", str(args.seed), "--out", str(surf),
                 "--no-render"]
         if cfg["samples"] is not None:
@@ -184,7 +185,7 @@ def run_study(args: argparse.Namespace) -> Path:
         stages.run(f"{name}: surface", surface.run, surface.build_parser().parse_args(argv))
         r.update(flatness(surfacefile.read(surf)))
         r["surface"] = surf
-    figures = stages_figures(stages, out, cfg["models"], results)
+    figures = stages_figures(stages, out, cfg["models"], results, trainset.warning)
     for name in cfg["models"]:
         results[name]["times"] = {k.split(": ", 1)[1]: v for k, v in stages.done.items() if k.startswith(f"{name}: ")}
     return write_report(out, args, cfg, trainset, results, figures, stages)
@@ -198,8 +199,8 @@ def _pairs(names: list[str]) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
-def stages_figures(stages: Stages, out: Path, names: list[str], results: dict[str, dict[str, Any]]
-                   ) -> list[tuple[str, Path]]:
+def stages_figures(stages: Stages, out: Path, names: list[str], results: dict[str, dict[str, Any]],
+                   data_warning: str | None = None) -> list[tuple[str, Path]]:
     """Figure 1 and Figure 2 for every architecture (always redrawn: cheap, and data may have grown)."""
     from fastland import trainplots
     from fastland.viz import plots
@@ -218,7 +219,8 @@ def stages_figures(stages: Stages, out: Path, names: list[str], results: dict[st
         runs = {n: out / n / "train" for n in group}
         figs.append((f"Figure 1 ({arch}): loss variation, gradient predictiveness and effective β-smoothness "
                      f"over training, {' vs '.join(group)}",
-                     trainplots.plot_runs(runs, fdir / f"fig1_{arch}.png", title=f"{arch}: with vs without BatchNorm")))
+                     trainplots.plot_runs(runs, fdir / f"fig1_{arch}.png", title=f"{arch}: with vs without BatchNorm"
+                                     + (f"  —  WARNING: {data_warning}" if data_warning else ""))))
         surfs = [results[n]["surface"] for n in group]
         for log in (False, True):
             scale = "log" if log else "linear"

@@ -51,6 +51,9 @@ def test_tiny_study_end_to_end_and_reuse(tmp_path: Path, monkeypatch: pytest.Mon
     for line in report.splitlines():
         if line.startswith("![") and "(" in line:
             assert (out / line.split("(")[-1].rstrip(")")).is_file(), line
+    from fastland import surfacefile
+
+    assert surfacefile.read(out / "lenet_bn" / "surface.h5").attrs["data_warning"]  # auto fell back: say so
     results = json.loads((out / "results.json").read_text())
     assert results["lenet"]["probes"] == 2 and np.isfinite(results["lenet_bn"]["beta_median"])
     stages = json.loads((out / "stages.json").read_text())
