@@ -8,7 +8,6 @@ uint8 on the device and are normalized there per batch: no DataLoader in the hot
 from __future__ import annotations
 
 import functools
-import math
 import os
 import socket
 import warnings
@@ -252,7 +251,3 @@ def synthetic_stats() -> tuple[torch.Tensor, torch.Tensor]:
     images, _ = _synthetic_chunk("train", 0, _CHUNK)
     x = images.float() / 255
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-
-
-def steps_per_epoch(n: int, batch: int) -> int:
-    return math.ceil(n / batch)

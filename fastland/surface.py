@@ -60,15 +60,6 @@ def make_evaluator(engine: str, model: nn.Module, space: FlatSpace, theta: torch
     raise UserError(f"unknown --engine {engine!r}; use batched or reference")
 
 
-def default_engine() -> str:
-    """The batched engine once it is installed; the reference evaluator before that."""
-    try:
-        import fastland.engine  # noqa: F401
-    except ImportError:
-        return "reference"
-    return "batched"
-
-
 # --- argument handling ----------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
@@ -108,9 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "running statistics untouched")
     g.add_argument("--batch-size", type=int, default=128,
                    help="evaluation batch; with --bn-mode batch it is also the BN normalization batch")
-    g.add_argument("--engine", default=None, choices=("batched", "reference"),
-                   help="batched torch.func engine, or the one-point-at-a-time reference (default: batched when "
-                        "available)")
+    g.add_argument("--engine", default="batched", choices=("batched", "reference"),
+                   help="the batched torch.func engine, or the one-point-at-a-time reference evaluator (the oracle)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="compute precision (auto: fp32 on CPU, tf32 on CUDA); losses accumulate in fp32")
     g.add_argument("--chunk", type=int, default=None, help="grid points per chunk (default: the engine's choice)")
@@ -220,8 +210,7 @@ def run(args: argparse.Namespace) -> Path:
     else:
         dirs = directions.make(space, theta, args.dim, args.seed, args.norm, args.ignore)
         direction_kind, norm_used, ignore_used = "random", args.norm, args.ignore
-    engine = args.engine or default_engine()
-    evaluator = make_evaluator(engine, model, space, theta, dirs, evalset, args.bn_mode, args.batch_size,
+    evaluator = make_evaluator(args.engine, model, space, theta, dirs, evalset, args.bn_mode, args.batch_size,
                                args.precision)
     x = np.linspace(args.xmin, args.xmax, args.nx)
     y = np.linspace(args.ymin, args.ymax, args.ny) if args.dim == 2 else None

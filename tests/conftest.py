@@ -1,6 +1,7 @@
 """Test setup: Triton runs through its interpreter without a GPU; caches stay in the repo."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def run_main(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Call a CLI ``main`` in-process: its exit code (0 when it returns), stdout and stderr."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

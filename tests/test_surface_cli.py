@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from fastland import directions, models, surface, surfacefile
 from fastland.data import load
@@ -29,13 +30,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        surface.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(surface.main, argv, capsys)
 
 
 BASE = ["--data", "synthetic", "--samples", "32", "--device", "cpu"]

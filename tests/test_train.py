@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from fastland import data as data_mod
 from fastland import models, probes
@@ -50,13 +51,7 @@ def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        train_mod.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(train_mod.main, argv, capsys)
 
 
 def test_probes_do_not_change_training(trainset: data_mod.EvalSet, tmp_path: Path) -> None:
