@@ -1,0 +1,575 @@
+"""Optimizer trajectories (Li et al. 2018, Sec. 7): PCA directions from a run's checkpoints, and the path on them.
+
+Random directions cannot show an optimizer's path: in high dimensions they are nearly orthogonal
+to it. Li et al. instead take the checkpoints θ_0 … θ_n of a run, form the rows ``θ_i − θ_n``
+(i < n), apply the ``ignore`` rule (``biasbn``: tensors with ≤ 1 dim, i.e. biases and BN γ/β, are
+zeroed, which is the same as leaving them out), centre the rows as scikit-learn's ``PCA`` does, and
+use the top two principal components as the axes, labelled with their explained-variance ratios.
+Each checkpoint's coordinates are found by least squares; θ_n sits at (0, 0).
+
+``pca(runs)`` does this for one run folder written by ``fastland.train``, or for several runs that
+start from the same initial weights (then one basis is fitted to all their rows about a common
+reference, the first run's ``final.pt``).
+
+How (exact, bounded memory): each checkpoint is read once (``models.read_checkpoint``) and its
+row ``θ_i − θ_ref`` (included parameters only, fp32) is written to a row buffer, held in RAM when
+it fits ``memory_budget`` and in a temporary file otherwise. Two passes over that buffer, in blocks
+of columns, then give everything:
+
+1. the Gram matrix ``G = X Xᵀ`` (m × m, fp64); centring is ``J G J`` with ``J = I − 11ᵀ/m``, and its
+   eigendecomposition gives the singular values and the left singular vectors ``U`` exactly;
+2. the components ``V = Xᵀ J U / S``, and in the same pass ``X V`` and ``Vᵀ V`` for the least-squares
+   coordinates.
+
+Memory is the buffer (≈ the checkpoints' size in RAM, or a few blocks when it spills to disk) plus
+a few vectors of N. The alternatives were weighed: a dense SVD of the stacked rows is exact but
+needs the matrix plus LAPACK's workspace (2–3× more); a randomized SVD (scikit-learn's choice for
+these shapes, hence Li et al.'s) or an incremental PCA is approximate and needs ``2q + 2`` passes
+for q power iterations. The Gram route is exact to fp64 rounding and costs ``m² N`` flops, which
+is small next to reading the checkpoints for up to a few hundred checkpoints of a VGG-16.
+
+Deviations from Li et al.'s code, on purpose:
+
+- their ``plot_trajectory.py`` also feeds θ_n itself (a zero row) to the PCA; the paper's matrix,
+  used here, has only i < n. Checkpoints at the same step (``epoch_020.pt`` and ``final.pt``) count once.
+- the sign of each component follows scikit-learn ≥ 1.5: its largest-magnitude entry is positive.
+- with three checkpoints (or any path whose centred rows have rank 1) the second component is
+  undefined; it is then the direction from θ_n to the rows' mean, made orthogonal to the first
+  (the plane through all the checkpoints), with an explained variance of 0.
+- only parameters take part (Li et al.'s ``dir_type=weights``), never BN running statistics.
+
+Checkpoints of a run folder: ``epoch_XXX.pt`` (``epoch_000.pt``: the initial weights, when saved),
+``step_XXXXXXX.pt`` (finer ones, from ``--save-every STEPS``; see ``step_filename``) and ``final.pt``,
+ordered by ``meta["step"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastland import models
+from fastland.directions import IGNORES
+from fastland.errors import UserError, os_error
+from fastland.params import FlatSpace, ParamInfo
+
+FINAL = "final.pt"
+_CKPT = re.compile(r"^(?:epoch_(\d+)|step_(\d+))\.pt$")
+_BLOCK_BYTES = 32 << 20  # one fp64 block of columns of X: big enough for an efficient GEMM, small next to X
+_MIN_BLOCK = 4096
+_RANK_TOL = 1e-12  # relative variance below which a direction counts as absent (fp32 rows give ~1e-14)
+
+
+def step_filename(step: int) -> str:
+    """The file name of a checkpoint saved after ``step`` optimizer steps: ``step_XXXXXXX.pt``.
+
+    ``fastland.train --save-every STEPS`` writes these; their ``meta`` holds ``step`` (steps taken)
+    and ``epoch`` (the 1-based epoch they belong to, as in ``metrics.csv``).
+    """
+    return f"step_{int(step):07d}.pt"
+
+
+@dataclass(frozen=True)
+class RunPath:
+    """One run's checkpoints in training order and their coordinates on the PCA plane.
+
+    Distances (``residual``, ``length``, ``distance``) are in the space of the included parameters.
+    """
+
+    run: Path
+    files: tuple[Path, ...]
+    steps: np.ndarray  # [n] int64, meta["step"]
+    epochs: np.ndarray  # [n] float64, meta["epoch"] (nan where absent)
+    epoch_end: np.ndarray  # [n] bool: weights at the end of an epoch (epoch_XXX.pt, final.pt): the figure's markers
+    coords: np.ndarray  # [n, 2] float64: least squares on the directions; the reference is (0, 0)
+    residual: np.ndarray  # [n] float64: each checkpoint's distance from the plane (0: it lies on it)
+    length: float  # the path's length: the sum of the distances between consecutive checkpoints
+    distance: float  # from the first checkpoint to the last
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """PCA directions of one or more runs and their projected paths (see the module docstring)."""
+
+    model: str
+    space: FlatSpace = field(repr=False)
+    ignore: str
+    included: tuple[str, ...]  # parameter names that take part (the others are 0 in the directions)
+    directions: torch.Tensor = field(repr=False)  # [2, N] fp32, orthonormal, in FlatSpace order
+    explained_variance_ratio: np.ndarray  # [2], scikit-learn's explained_variance_ratio_
+    explained_variance: np.ndarray  # [2], explained_variance_ (ddof = 1)
+    singular_values: np.ndarray  # [2], singular_values_ of the centred rows
+    paths: tuple[RunPath, ...]  # one per run, in the order given
+    theta_final: torch.Tensor = field(repr=False)  # [N]: the origin of the plane (the first run's final.pt)
+    reference: Path  # the checkpoint holding theta_final (and, for a surface, its BN statistics)
+    rows: int  # how many difference vectors the PCA saw
+    storage: str  # where the rows were held: "memory" or "disk"
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """Parameter names left out by the ``ignore`` rule."""
+        keep = set(self.included)
+        return tuple(n for n in self.space.names if n not in keep)
+
+    def named_directions(self) -> list[dict[str, torch.Tensor]]:
+        """The two directions as ``{parameter name: tensor}`` (views of ``directions``)."""
+        return [self.space.views(self.directions[k]) for k in range(2)]
+
+    def extent(self, margin: float = 0.2) -> tuple[float, float, float, float]:
+        """``(xmin, xmax, ymin, ymax)`` around every path, widened by ``margin`` of the span on each side.
+
+        Surfaces on PCA axes are plotted at the path's scale, not at ±1 (Li et al.).
+        """
+        pts = np.concatenate([p.coords for p in self.paths])
+        lo, hi = pts.min(0), pts.max(0)
+        pad = margin * np.maximum(hi - lo, 1e-12)
+        return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
+
+    def h5_fields(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The datasets and attributes to add to a surface file, under Li et al.'s names.
+
+        The first run's path is ``proj_xcoord`` / ``proj_ycoord`` (one point per checkpoint, oldest
+        first, ending at (0, 0)), with ``proj_step``, ``proj_epoch`` and ``proj_checkpoint``; further
+        runs go to ``run{k}/proj_xcoord`` and so on. ``explained_variance_ratio_``,
+        ``explained_variance_`` and ``singular_values_`` are as in Li et al.'s direction file, so
+        their ``plot_2D.py`` reads them; ``pca_included`` names the parameters that take part.
+        """
+        import h5py  # only the surface file needs it
+
+        text = h5py.string_dtype()
+        data: dict[str, np.ndarray] = {}
+        for k, p in enumerate(self.paths):
+            pre = "" if k == 0 else f"run{k}/"
+            data |= {f"{pre}proj_xcoord": p.coords[:, 0].copy(), f"{pre}proj_ycoord": p.coords[:, 1].copy(),
+                     f"{pre}proj_step": p.steps.copy(), f"{pre}proj_epoch": p.epochs.copy(),
+                     f"{pre}proj_checkpoint": np.array([f.name for f in p.files], dtype=text)}
+        data |= {"explained_variance_ratio_": self.explained_variance_ratio.copy(),
+                 "explained_variance_": self.explained_variance.copy(),
+                 "singular_values_": self.singular_values.copy(),
+                 "pca_included": np.array(self.included, dtype=text)}
+        attrs = {"direction": "pca", "pca_ignore": self.ignore, "pca_rows": self.rows,
+                 "pca_runs": json.dumps([str(p.run) for p in self.paths]), "pca_reference": str(self.reference),
+                 "pca_method": "exact PCA (Gram eigendecomposition) of θ_i − θ_ref, centred as scikit-learn; "
+                               "coordinates by least squares"}
+        return data, attrs
+
+
+# --- reading run folders ---------------------------------------------------------------------
+@dataclass
+class _Entry:
+    """One distinct checkpoint of a run: where its row is (-1: the reference itself)."""
+
+    file: Path
+    step: int
+    epoch: float
+    epoch_end: bool
+    row: int
+
+
+def _candidates(run: Path) -> list[Path]:
+    """The checkpoint files of a run folder, ``final.pt`` last."""
+    if not run.exists():
+        raise UserError(f"run folder {run} does not exist; pass a folder written by python -m fastland.train "
+                        "(it holds epoch_XXX.pt and final.pt)")
+    if not run.is_dir():
+        raise UserError(f"{run} is a file, not a run folder; pass the folder that holds its checkpoints ({run.parent})")
+    files = sorted(p for p in run.iterdir() if _CKPT.match(p.name))
+    if not (run / FINAL).is_file():
+        raise UserError(f"{run} has no {FINAL}: its training has not finished; resume it (run the same training "
+                        "command again) or pass a finished run")
+    if len(files) + 1 < 3:
+        raise _too_few(run, len(files) + 1)
+    return files + [run / FINAL]
+
+
+def _is_init(path: Path) -> bool:
+    """Named as the initial weights (step 0)."""
+    return path.name in ("epoch_000.pt", step_filename(0))
+
+
+def _too_few(run: Path, count: int) -> UserError:
+    return UserError(f"{run} holds {count} distinct checkpoint(s); a trajectory needs at least 3: train more epochs, "
+                     "or save more often with --save-every STEPS")
+
+
+def _meta_step(path: Path, meta: dict[str, Any]) -> tuple[int, float]:
+    if "step" not in meta:
+        raise UserError(f"{path} has no meta['step'], so its place in training is unknown; fastland.train writes it: "
+                        "save the checkpoint with meta={'step': ..., 'epoch': ...} or move it out of the folder")
+    epoch = meta.get("epoch")
+    return int(meta["step"]), float(epoch) if epoch is not None else float("nan")
+
+
+def _config(run: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same_init(runs: list[Path], init_hash: dict[int, str]) -> None:
+    """Refuse runs that do not start from the first run's initial weights.
+
+    Evidence, best first: both runs saved their initial weights (step 0) and these are equal;
+    else both ``config.json`` name the same model and seed (training draws the weights from that
+    seed alone).
+    """
+    how = ("to share one basis, train the runs with the same --model and --seed (the same initial weights); "
+           "otherwise plot each run on its own basis, one run folder at a time")
+    for k in range(1, len(runs)):
+        a, b = runs[0], runs[k]
+        if 0 in init_hash and k in init_hash:
+            if init_hash[0] != init_hash[k]:
+                raise UserError(f"{a} and {b} start from different initial weights (their step-0 checkpoints differ), "
+                                f"so they cannot share one PCA basis; {how}")
+            continue
+        ca, cb = _config(a), _config(b)
+        if ca is None or cb is None or not {"model", "seed"} <= (ca.keys() & cb.keys()):
+            raise UserError(f"cannot tell whether {a} and {b} start from the same initial weights (neither both "
+                            f"epoch_000.pt nor both config.json with model and seed); {how}")
+        if (ca["model"], ca["seed"]) != (cb["model"], cb["seed"]):
+            raise UserError(f"{a} and {b} start from different initial weights (config.json: {ca['model']} seed "
+                            f"{ca['seed']} vs {cb['model']} seed {cb['seed']}), so they cannot share one PCA basis; {how}")
+
+
+# --- the row buffer ----------------------------------------------------------------------------
+class _Rows:
+    """The rows ``θ_i − θ_ref`` (fp32), in RAM or in a temporary file, read back in blocks of columns.
+
+    The file is written and read with plain file I/O rather than ``np.memmap``: mapped pages would
+    count towards the process's resident memory, which is what the disk path is there to bound.
+    """
+
+    def __init__(self, capacity: int, width: int, budget: int) -> None:
+        self.width, self.m = width, 0
+        need = capacity * width * 4
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if need <= budget:
+            self.storage = "memory"
+            self._mem = torch.empty(capacity, width, dtype=torch.float32)
+            return
+        self.storage = "disk"
+        self._tmp = tempfile.TemporaryDirectory(prefix="fastland-pca-")
+        free = shutil.disk_usage(self._tmp.name).free
+        if free < need:
+            self.close()
+            raise UserError(f"the PCA rows need {need / 2**30:.1f} GiB of temporary disk space and only "
+                            f"{free / 2**30:.1f} GiB is free in {tempfile.gettempdir()}; set TMPDIR to a larger disk "
+                            "or raise the memory budget")
+        self._path = Path(self._tmp.name) / "rows.f32"
+        self._file = open(self._path, "w+b")  # closed by close()
+
+    def slot(self) -> torch.Tensor:
+        """The fp32 vector to fill with the next row; ``commit()`` then keeps it."""
+        if self.storage == "memory":
+            return self._mem[self.m]
+        if not hasattr(self, "_row"):
+            self._row = torch.empty(self.width, dtype=torch.float32)
+        return self._row
+
+    def commit(self) -> int:
+        """Keep the row just filled; returns its index."""
+        if self.storage == "disk":
+            try:
+                self._file.seek(self.m * self.width * 4)
+                self._file.write(self._row.numpy().data)
+            except OSError as err:
+                raise os_error(err, f"the temporary PCA buffer {self._path}") from None
+        self.m += 1
+        return self.m - 1
+
+    def blocks(self, rows: int) -> Any:
+        """Yield ``(start, X[:rows, start:stop] as fp64)`` over the columns, in blocks of about 32 MB."""
+        size = max(_MIN_BLOCK, _BLOCK_BYTES // (8 * max(rows, 1)))
+        buf = None if self.storage == "memory" else np.empty((rows, min(size, self.width)), dtype=np.float32)
+        if buf is not None:
+            self._file.flush()
+        for a in range(0, self.width, size):
+            b = min(a + size, self.width)
+            if buf is None:
+                yield a, self._mem[:rows, a:b].double()
+                continue
+            part = buf[:, : b - a]
+            for i in range(rows):
+                self._file.seek((i * self.width + a) * 4)
+                if self._file.readinto(memoryview(part[i]).cast("B")) != (b - a) * 4:
+                    raise UserError(f"the temporary PCA buffer {self._path} was cut short; run again")
+            yield a, torch.from_numpy(part).double()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            if hasattr(self, "_file"):
+                self._file.close()
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _default_budget() -> int:
+    """Half of the memory available now (MemAvailable), so the rows never push the machine into swap."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
+
+
+# --- the PCA -------------------------------------------------------------------------------------
+def _plan(space: FlatSpace, ignore: str) -> list[tuple[ParamInfo, int]]:
+    """The included parameters and each one's offset inside a row."""
+    out, off = [], 0
+    for info in space.infos:
+        if ignore == "biasbn" and info.is_small:
+            continue
+        out.append((info, off))
+        off += info.numel
+    return out
+
+
+def _model_of(path: Path, ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The model a checkpoint names: its spec (a zoo name or ``package.module:factory``) and arguments."""
+    name = ckpt.get("model")
+    if name is None:
+        raise UserError(f"{path} is a plain state_dict that does not name its model; a trajectory needs fastland "
+                        "checkpoints (python -m fastland.train writes them)")
+    return str(name), dict(ckpt.get("model_args") or {})
+
+
+def _space_of(name: str, args: dict[str, Any]) -> FlatSpace:
+    """The parameter layout of the model, built on the meta device (no memory, no initialization)."""
+    try:
+        with torch.device("meta"):
+            return FlatSpace(models.create(name, **args))
+    except Exception:  # noqa: BLE001 - a user's factory may not build on the meta device; a CPU build reports real errors
+        return FlatSpace(models.create(name, **args))
+
+
+def _check_model(path: Path, ckpt: dict[str, Any], ref: Path, model: tuple[str, dict[str, Any]], space: FlatSpace) -> None:
+    name, args = model
+    got = _model_of(path, ckpt)
+    if got != model:
+        what = f"{got[0]} model" + (f" ({got[1]})" if got[1] != args else "")
+        raise UserError(f"{path} holds a {what} but {ref} holds {name}" + (f" ({args})" if got[1] != args else "")
+                        + "; a trajectory needs checkpoints of one model: pass runs trained with the same --model")
+    state = ckpt["state_dict"]
+    for info in space.infos:
+        t = state.get(info.name)
+        if t is None or tuple(t.shape) != info.shape:
+            shape = "missing" if t is None else tuple(t.shape)
+            raise UserError(f"{path} does not match the {name} parameters ({info.name}: {shape} vs {info.shape}); "
+                            "a trajectory needs checkpoints of one model")
+
+
+def _state_hash(state: dict[str, torch.Tensor], space: FlatSpace) -> str:
+    h = hashlib.sha256()
+    for info in space.infos:
+        h.update(state[info.name].detach().float().contiguous().reshape(-1).numpy().data)
+    return h.hexdigest()
+
+
+def _components(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """From the uncentred Gram matrix ``X Xᵀ``: coefficients ``C`` [m, 2] such that ``Xᵀ C`` are the two
+    unit principal directions, the two leading eigenvalues of the centred Gram matrix, and its trace.
+
+    Raises when the rows do not span a plane.
+    """
+    m = gram.shape[0]
+    j = np.eye(m) - 1.0 / m
+    centred = j @ gram @ j
+    centred = (centred + centred.T) / 2
+    lam, u = np.linalg.eigh(centred)
+    lam, u = lam[::-1], u[:, ::-1]
+    total = float(np.trace(centred))
+    lam = np.clip(lam, 0.0, None)
+    scale = max(total, float(np.trace(gram)) / m, np.finfo(np.float64).tiny)
+    rank = int(np.sum(lam > _RANK_TOL * scale))
+    line = UserError("the checkpoints lie on one line (the path never turns), so a 2-D PCA plane is undefined; "
+                     "plot the path in 1-D along the interpolation θ_0 → θ_n instead")
+    if rank == 0:
+        raise line
+    coef = np.zeros((m, 2))
+    c1 = u[:, 0] - u[:, 0].mean()
+    coef[:, 0] = c1 / np.sqrt(lam[0])
+    if rank >= 2:
+        c2 = u[:, 1] - u[:, 1].mean()
+        coef[:, 1] = c2 / np.sqrt(lam[1])
+    else:
+        # Rank 1 (e.g. three checkpoints): the mean row, i.e. the direction from θ_ref to the rows'
+        # centre, made orthogonal to the first component: the plane through every checkpoint.
+        mean = np.full(m, 1.0 / m)
+        w = mean - (mean @ gram @ coef[:, 0]) * coef[:, 0]
+        norm2 = float(w @ gram @ w)
+        if norm2 <= _RANK_TOL * scale:
+            raise line
+        coef[:, 1] = w / np.sqrt(norm2)
+    return coef, lam[:2].copy(), total
+
+
+def pca(runs: str | Path | Sequence[str | Path], ignore: str = "biasbn", memory_budget: int | None = None,
+        progress: bool = True) -> Trajectory:
+    """Fit Li et al.'s PCA directions to one run's checkpoints (or several runs' with the same
+    initial weights) and project every checkpoint onto them.
+
+    ``runs``: one run folder or a list of them; the first run's ``final.pt`` is the origin.
+    ``ignore``: ``biasbn`` (default; tensors with ≤ 1 dim left out, as Li et al.) or ``none``.
+    ``memory_budget``: bytes the row buffer may take in RAM before it goes to a temporary file
+    (default: half of the available memory).
+    """
+    run_dirs = [Path(runs)] if isinstance(runs, str | os.PathLike) else [Path(r) for r in runs]
+    if not run_dirs:
+        raise UserError("no run folder given; pass at least one folder written by python -m fastland.train")
+    seen = set()
+    for r in run_dirs:
+        if r.resolve() in seen:
+            raise UserError(f"run folder {r} is given twice; pass each run once")
+        seen.add(r.resolve())
+    if ignore not in IGNORES:
+        raise UserError(f"unknown ignore rule {ignore!r}; use one of {', '.join(IGNORES)}")
+    files = [_candidates(r) for r in run_dirs]
+    budget = _default_budget() if memory_budget is None else int(memory_budget)
+
+    ref_path = run_dirs[0] / FINAL
+    ref = models.read_checkpoint(ref_path)
+    model = _model_of(ref_path, ref)
+    name = model[0]
+    space = _space_of(*model)
+    _check_model(ref_path, ref, ref_path, model, space)
+    theta_ref = space.flatten_state(ref["state_dict"])
+    ref_step, ref_epoch = _meta_step(ref_path, ref.get("meta", {}))
+    del ref
+    if not bool(torch.isfinite(theta_ref).all()):
+        raise UserError(f"{ref_path} holds non-finite weights (nan or inf); a trajectory needs finite checkpoints")
+    plan = _plan(space, ignore)
+    width = sum(info.numel for info, _ in plan)
+    ref_views = space.views(theta_ref)
+
+    rows = _Rows(sum(len(f) for f in files) - 1, width, budget)
+    try:
+        entries: list[dict[int, _Entry]] = [{} for _ in run_dirs]
+        entries[0][ref_step] = _Entry(ref_path, ref_step, ref_epoch, True, -1)
+        init_hash: dict[int, str] = {}  # run -> hash of its step-0 weights
+        init_rows: dict[str, int] = {}  # hash -> row: runs that share θ_0 share its row
+        # Step-0 files first, so that runs with different initial weights are refused before the long read.
+        first = [(k, p) for k, fs in enumerate(files) for p in fs if _is_init(p)]
+        todo = first + [(k, p) for k, fs in enumerate(files) for p in fs if not _is_init(p) and p != ref_path]
+        checked = len(run_dirs) == 1
+        bar = tqdm(todo, desc="reading checkpoints", unit="ckpt", disable=None if progress else True, leave=False)
+        for n, (k, path) in enumerate(bar):
+            if n == len(first) and not checked:
+                _check_same_init(run_dirs, init_hash)
+                checked = True
+            ckpt = models.read_checkpoint(path)
+            _check_model(path, ckpt, ref_path, model, space)
+            step, epoch = _meta_step(path, ckpt.get("meta", {}))
+            state = ckpt["state_dict"]
+            is_epoch = path.name.startswith("epoch_") or path.name == FINAL
+            old = entries[k].get(step)
+            if old is not None:  # the same weights under two names (epoch_020.pt and final.pt): one point
+                old.epoch_end |= is_epoch
+                if path.name == FINAL or (is_epoch and not old.file.name.startswith(("epoch_", FINAL))):
+                    old.file = path
+                continue
+            digest = _state_hash(state, space) if step == 0 and len(run_dirs) > 1 else None
+            if digest is not None:
+                init_hash[k] = digest
+                if digest in init_rows:
+                    entries[k][step] = _Entry(path, step, epoch, is_epoch, init_rows[digest])
+                    continue
+            row = rows.slot()
+            for info, off in plan:
+                torch.sub(state[info.name].reshape(-1).float(), ref_views[info.name].reshape(-1),
+                          out=row[off : off + info.numel])
+            if not bool(torch.isfinite(row).all()):
+                raise UserError(f"{path} holds non-finite weights (nan or inf); a trajectory needs finite checkpoints: "
+                                "move it out of the run folder")
+            entries[k][step] = _Entry(path, step, epoch, is_epoch, rows.commit())
+            if digest is not None:
+                init_rows[digest] = entries[k][step].row
+            del ckpt, state
+        if not checked:
+            _check_same_init(run_dirs, init_hash)
+        for r, e in zip(run_dirs, entries, strict=True):
+            if len(e) < 3:
+                raise _too_few(r, len(e))
+            last = e[max(e)]
+            if last.file.name != FINAL:
+                raise UserError(f"{last.file} comes after {r / FINAL} (step {last.step}); move the checkpoints of an "
+                                "older run out of the folder")
+        return _fit(rows, run_dirs, entries, space, plan, theta_ref, ref_path, ignore, name)
+    finally:
+        rows.close()
+
+
+def _fit(rows: _Rows, run_dirs: list[Path], entries: list[dict[int, _Entry]], space: FlatSpace,
+         plan: list[tuple[ParamInfo, int]], theta_ref: torch.Tensor, ref_path: Path, ignore: str,
+         name: str) -> Trajectory:
+    """The two passes over the row buffer (see the module docstring) and the per-run paths."""
+    m = rows.m
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for _, xb in rows.blocks(m):
+        gram.addmm_(xb, xb.T)
+    g = gram.numpy()
+    coef, lam2, total = _components(g)
+    c = torch.from_numpy(np.ascontiguousarray(coef))
+
+    width = rows.width
+    v = torch.empty(2, width, dtype=torch.float32)
+    xv = torch.zeros(m, 2, dtype=torch.float64)
+    vtv = torch.zeros(2, 2, dtype=torch.float64)
+    peak = torch.zeros(2, dtype=torch.float64)  # the largest |entry| of each component, signed (sign rule)
+    for a, xb in rows.blocks(m):
+        vb = xb.T @ c  # [B, 2]
+        xv.addmm_(xb, vb)
+        vtv.addmm_(vb.T, vb)
+        i = vb.abs().argmax(0)
+        cand = vb[i, torch.arange(2)]
+        peak = torch.where(cand.abs() > peak.abs(), cand, peak)
+        v[:, a : a + vb.shape[0]] = vb.T.float()
+    norms = vtv.diagonal().sqrt()
+    sign = torch.where(peak < 0, -1.0, 1.0).to(torch.float64)
+    # Least squares x_i ≈ V a_i: a = (VᵀV)⁻¹ Vᵀ x_i; for the unit, sign-fixed directions the
+    # coordinates scale by the norm and the sign.
+    coords = torch.linalg.solve(vtv, xv.T).T * norms * sign
+    v *= (sign / norms).float()[:, None]
+
+    directions = torch.zeros(2, space.numel, dtype=torch.float32)
+    for info, off in plan:
+        directions[:, info.offset : info.offset + info.numel] = v[:, off : off + info.numel]
+    del v
+    unit = sign / norms
+    unit_gram = (vtv * torch.outer(unit, unit)).numpy()  # ≈ I: the metric of the plane's coordinates
+    cz = np.vstack([coords.numpy(), np.zeros((1, 2))])  # row m: the reference itself, at (0, 0)
+    gz = np.pad(g, ((0, 1), (0, 1)))
+
+    paths = []
+    for run, ents in zip(run_dirs, entries, strict=True):
+        order = [ents[s] for s in sorted(ents)]
+        idx = np.array([e.row if e.row >= 0 else m for e in order])
+        xy = cz[idx]
+        sq = gz[idx, idx] - np.einsum("ij,jk,ik->i", xy, unit_gram, xy)
+        d2 = gz[idx[:-1], idx[:-1]] + gz[idx[1:], idx[1:]] - 2 * gz[idx[:-1], idx[1:]]
+        span = gz[idx[0], idx[0]] + gz[idx[-1], idx[-1]] - 2 * gz[idx[0], idx[-1]]
+        paths.append(RunPath(
+            run=run, files=tuple(e.file for e in order), steps=np.array([e.step for e in order], dtype=np.int64),
+            epochs=np.array([e.epoch for e in order], dtype=np.float64),
+            epoch_end=np.array([e.epoch_end for e in order], dtype=bool), coords=xy,
+            residual=np.sqrt(np.clip(sq, 0, None)), length=float(np.sqrt(np.clip(d2, 0, None)).sum()),
+            distance=float(np.sqrt(max(span, 0.0)))))
+    ratio = lam2 / total if total > 0 else np.zeros(2)
+    return Trajectory(
+        model=name, space=space, ignore=ignore, included=tuple(info.name for info, _ in plan), directions=directions,
+        explained_variance_ratio=ratio, explained_variance=lam2 / max(m - 1, 1), singular_values=np.sqrt(lam2),
+        paths=tuple(paths), theta_final=theta_ref, reference=ref_path, rows=m, storage=rows.storage)
