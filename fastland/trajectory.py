@@ -16,17 +16,20 @@ row ``θ_i − θ_ref`` (included parameters only, fp32) is written to a row buf
 it fits ``memory_budget`` and in a temporary file otherwise. Two passes over that buffer, in blocks
 of columns, then give everything:
 
-1. the Gram matrix ``G = X Xᵀ`` (m × m, fp64); centring is ``J G J`` with ``J = I − 11ᵀ/m``, and its
-   eigendecomposition gives the singular values and the left singular vectors ``U`` exactly;
-2. the components ``V = Xᵀ J U / S``, and in the same pass ``X V`` and ``Vᵀ V`` for the least-squares
-   coordinates.
+1. the Gram matrix ``G = X Xᵀ`` (m × m) in fp64, since centring (``J G J``, ``J = I − 11ᵀ/m``) takes
+   differences of its entries; its eigendecomposition gives the singular values and the left
+   singular vectors ``U`` exactly, and ``G`` itself gives ``X V``, ``Vᵀ V`` and every distance
+   between checkpoints;
+2. the components ``V = Xᵀ J U / S``: each entry sums only m terms, so fp32 is as exact as the rows.
 
-Memory is the buffer (≈ the checkpoints' size in RAM, or a few blocks when it spills to disk) plus
-a few vectors of N. The alternatives were weighed: a dense SVD of the stacked rows is exact but
-needs the matrix plus LAPACK's workspace (2–3× more); a randomized SVD (scikit-learn's choice for
-these shapes, hence Li et al.'s) or an incremental PCA is approximate and needs ``2q + 2`` passes
-for q power iterations. The Gram route is exact to fp64 rounding and costs ``m² N`` flops, which
-is small next to reading the checkpoints for up to a few hundred checkpoints of a VGG-16.
+Memory is the buffer (≈ the checkpoints' size in RAM, or a few 32 MB blocks when it spills to disk)
+plus a few vectors of N. The alternatives were measured or weighed (``benchmarks/bench_trajectory.py``,
+20 VGG-16 checkpoints): a dense SVD of the stacked rows needs the matrix plus LAPACK's copies (3.2×
+the checkpoints in fp32, and then its explained variance is off by 1e-3; 6× in fp64); a randomized
+SVD (scikit-learn's choice for these shapes, so Li et al.'s) or an incremental PCA is approximate
+and needs ``2q + 2`` passes for q power iterations. The Gram route is exact to fp64 rounding and
+costs ``m² N`` flops, small next to reading the checkpoints up to a few hundred checkpoints of a
+VGG-16; beyond that a randomized SVD would be cheaper.
 
 Deviations from Li et al.'s code, on purpose:
 
@@ -51,7 +54,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +242,7 @@ def _check_same_init(runs: list[Path], init_hash: dict[int, str]) -> None:
         if ca is None or cb is None or not {"model", "seed"} <= (ca.keys() & cb.keys()):
             raise UserError(f"cannot tell whether {a} and {b} start from the same initial weights (neither both "
                             f"epoch_000.pt nor both config.json with model and seed); {how}")
-        if (ca["model"], ca["seed"]) != (cb["model"], cb["seed"]):
+        if (ca["model"], ca.get("model_args") or {}, ca["seed"]) != (cb["model"], cb.get("model_args") or {}, cb["seed"]):
             raise UserError(f"{a} and {b} start from different initial weights (config.json: {ca['model']} seed "
                             f"{ca['seed']} vs {cb['model']} seed {cb['seed']}), so they cannot share one PCA basis; {how}")
 
@@ -270,14 +273,11 @@ class _Rows:
                             "or raise the memory budget")
         self._path = Path(self._tmp.name) / "rows.f32"
         self._file = open(self._path, "w+b")  # closed by close()
+        self._row = torch.empty(width, dtype=torch.float32)  # filled, then written out
 
     def slot(self) -> torch.Tensor:
         """The fp32 vector to fill with the next row; ``commit()`` then keeps it."""
-        if self.storage == "memory":
-            return self._mem[self.m]
-        if not hasattr(self, "_row"):
-            self._row = torch.empty(self.width, dtype=torch.float32)
-        return self._row
+        return self._mem[self.m] if self.storage == "memory" else self._row
 
     def commit(self) -> int:
         """Keep the row just filled; returns its index."""
@@ -290,23 +290,33 @@ class _Rows:
         self.m += 1
         return self.m - 1
 
-    def blocks(self, rows: int) -> Any:
-        """Yield ``(start, X[:rows, start:stop] as fp64)`` over the columns, in blocks of about 32 MB."""
-        size = max(_MIN_BLOCK, _BLOCK_BYTES // (8 * max(rows, 1)))
-        buf = None if self.storage == "memory" else np.empty((rows, min(size, self.width)), dtype=np.float32)
-        if buf is not None:
+    def blocks(self, double: bool) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, X[:, start:stop])`` over the columns, in blocks of about 32 MB of fp64.
+
+        ``double``: fp64 copies (for the Gram matrix); otherwise fp32, a view of the buffer in RAM.
+        """
+        m = self.m
+        if self.storage == "memory" and not double:
+            yield 0, self._mem[:m]  # one GEMM over the whole buffer, no copy
+            return
+        size = min(self.width, max(_MIN_BLOCK, _BLOCK_BYTES // (8 * m)))
+        buf64 = torch.empty(m, size, dtype=torch.float64) if double else None  # reused: no page faults per block
+        buf32 = None
+        if self.storage == "disk":
             self._file.flush()
+            buf32 = np.empty((m, size), dtype=np.float32)
         for a in range(0, self.width, size):
             b = min(a + size, self.width)
-            if buf is None:
-                yield a, self._mem[:rows, a:b].double()
-                continue
-            part = buf[:, : b - a]
-            for i in range(rows):
-                self._file.seek((i * self.width + a) * 4)
-                if self._file.readinto(memoryview(part[i]).cast("B")) != (b - a) * 4:
-                    raise UserError(f"the temporary PCA buffer {self._path} was cut short; run again")
-            yield a, torch.from_numpy(part).double()
+            if buf32 is None:
+                block = self._mem[:m, a:b]
+            else:
+                part = buf32[:, : b - a]
+                for i in range(m):
+                    self._file.seek((i * self.width + a) * 4)
+                    if self._file.readinto(memoryview(part[i]).cast("B")) != (b - a) * 4:
+                        raise UserError(f"the temporary PCA buffer {self._path} was cut short; run again")
+                block = torch.from_numpy(part)
+            yield a, (buf64[:, : b - a].copy_(block) if buf64 is not None else block)
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -358,13 +368,14 @@ def _space_of(name: str, args: dict[str, Any]) -> FlatSpace:
 
 
 def _check_model(path: Path, ckpt: dict[str, Any], ref: Path, model: tuple[str, dict[str, Any]], space: FlatSpace) -> None:
-    name, args = model
     got = _model_of(path, ckpt)
     if got != model:
-        what = f"{got[0]} model" + (f" ({got[1]})" if got[1] != args else "")
-        raise UserError(f"{path} holds a {what} but {ref} holds {name}" + (f" ({args})" if got[1] != args else "")
-                        + "; a trajectory needs checkpoints of one model: pass runs trained with the same --model")
-    state = ckpt["state_dict"]
+        def say(m: tuple[str, dict[str, Any]]) -> str:
+            return m[0] + (f" {m[1]}" if m[1] else "")
+
+        raise UserError(f"{path} holds a {say(got)} model but {ref} holds {say(model)}; a trajectory needs checkpoints "
+                        "of one model: pass runs trained with the same --model")
+    name, state = model[0], ckpt["state_dict"]
     for info in space.infos:
         t = state.get(info.name)
         if t is None or tuple(t.shape) != info.shape:
@@ -492,9 +503,6 @@ def pca(runs: str | Path | Sequence[str | Path], ignore: str = "biasbn", memory_
             for info, off in plan:
                 torch.sub(state[info.name].reshape(-1).float(), ref_views[info.name].reshape(-1),
                           out=row[off : off + info.numel])
-            if not bool(torch.isfinite(row).all()):
-                raise UserError(f"{path} holds non-finite weights (nan or inf); a trajectory needs finite checkpoints: "
-                                "move it out of the run folder")
             entries[k][step] = _Entry(path, step, epoch, is_epoch, rows.commit())
             if digest is not None:
                 init_rows[digest] = entries[k][step].row
@@ -518,40 +526,38 @@ def _fit(rows: _Rows, run_dirs: list[Path], entries: list[dict[int, _Entry]], sp
          name: str) -> Trajectory:
     """The two passes over the row buffer (see the module docstring) and the per-run paths."""
     m = rows.m
+    # Pass 1: the Gram matrix in fp64 (the centred one is a difference of its entries, so it needs the digits).
     gram = torch.zeros(m, m, dtype=torch.float64)
-    for _, xb in rows.blocks(m):
+    for _, xb in rows.blocks(double=True):
         gram.addmm_(xb, xb.T)
     g = gram.numpy()
+    bad = ~np.isfinite(np.diag(g))
+    if bad.any():
+        files = {e.row: e.file for ents in entries for e in ents.values()}
+        raise UserError(f"{files[int(np.argmax(bad))]} holds non-finite weights (nan or inf); a trajectory needs "
+                        "finite checkpoints: move it out of the run folder")
     coef, lam2, total = _components(g)
-    c = torch.from_numpy(np.ascontiguousarray(coef))
 
-    width = rows.width
-    v = torch.empty(2, width, dtype=torch.float32)
-    xv = torch.zeros(m, 2, dtype=torch.float64)
-    vtv = torch.zeros(2, 2, dtype=torch.float64)
-    peak = torch.zeros(2, dtype=torch.float64)  # the largest |entry| of each component, signed (sign rule)
-    for a, xb in rows.blocks(m):
-        vb = xb.T @ c  # [B, 2]
-        xv.addmm_(xb, vb)
-        vtv.addmm_(vb.T, vb)
-        i = vb.abs().argmax(0)
-        cand = vb[i, torch.arange(2)]
-        peak = torch.where(cand.abs() > peak.abs(), cand, peak)
-        v[:, a : a + vb.shape[0]] = vb.T.float()
-    norms = vtv.diagonal().sqrt()
-    sign = torch.where(peak < 0, -1.0, 1.0).to(torch.float64)
-    # Least squares x_i ≈ V a_i: a = (VᵀV)⁻¹ Vᵀ x_i; for the unit, sign-fixed directions the
-    # coordinates scale by the norm and the sign.
-    coords = torch.linalg.solve(vtv, xv.T).T * norms * sign
-    v *= (sign / norms).float()[:, None]
+    # Pass 2: the directions V = Xᵀ C. Each entry sums m terms, so fp32 is as exact as the fp32 rows;
+    # everything summed over N (Vᵀ V, X V) comes from the fp64 Gram matrix instead: X V = G C.
+    c32 = torch.from_numpy(np.ascontiguousarray(coef.T)).float()  # [2, m]
+    v = torch.empty(2, rows.width, dtype=torch.float32)
+    for a, xb in rows.blocks(double=False):
+        v[:, a : a + xb.shape[1]] = c32 @ xb
+    lo, hi = torch.aminmax(v, dim=1)
+    sign = np.where(-lo.numpy() > hi.numpy(), -1.0, 1.0)  # scikit-learn >= 1.5: the largest |entry| is positive
+    v *= torch.from_numpy(sign).float()[:, None]
+    coef = coef * sign
+    vtv = coef.T @ g @ coef  # ≈ I
+    coords = np.linalg.solve(vtv, (g @ coef).T).T  # least squares x_i ≈ V a_i: a_i = (VᵀV)⁻¹ Vᵀ x_i
 
-    directions = torch.zeros(2, space.numel, dtype=torch.float32)
-    for info, off in plan:
-        directions[:, info.offset : info.offset + info.numel] = v[:, off : off + info.numel]
-    del v
-    unit = sign / norms
-    unit_gram = (vtv * torch.outer(unit, unit)).numpy()  # ≈ I: the metric of the plane's coordinates
-    cz = np.vstack([coords.numpy(), np.zeros((1, 2))])  # row m: the reference itself, at (0, 0)
+    directions = v  # ignore=none: every parameter takes part, in FlatSpace order
+    if rows.width != space.numel:
+        directions = torch.zeros(2, space.numel, dtype=torch.float32)
+        for info, off in plan:
+            directions[:, info.offset : info.offset + info.numel] = v[:, off : off + info.numel]
+        del v
+    cz = np.vstack([coords, np.zeros((1, 2))])  # row m: the reference itself, at (0, 0)
     gz = np.pad(g, ((0, 1), (0, 1)))
 
     paths = []
@@ -559,7 +565,7 @@ def _fit(rows: _Rows, run_dirs: list[Path], entries: list[dict[int, _Entry]], sp
         order = [ents[s] for s in sorted(ents)]
         idx = np.array([e.row if e.row >= 0 else m for e in order])
         xy = cz[idx]
-        sq = gz[idx, idx] - np.einsum("ij,jk,ik->i", xy, unit_gram, xy)
+        sq = gz[idx, idx] - np.einsum("ij,jk,ik->i", xy, vtv, xy)
         d2 = gz[idx[:-1], idx[:-1]] + gz[idx[1:], idx[1:]] - 2 * gz[idx[:-1], idx[1:]]
         span = gz[idx[0], idx[0]] + gz[idx[-1], idx[-1]] - 2 * gz[idx[0], idx[-1]]
         paths.append(RunPath(

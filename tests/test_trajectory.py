@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -361,3 +362,12 @@ def test_straight_path_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError) as e:
         trajectory.pca(_write_run(tmp_path / "run", thetas), progress=False)
     _one_line(e, "one line", "1-D")
+
+
+def test_disk_buffer_needs_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _write_run(tmp_path / "run", _curved_path(_space(), 3, seed=0))
+    monkeypatch.setattr(trajectory.shutil, "disk_usage", lambda _: SimpleNamespace(total=1 << 40, used=1 << 40, free=0))
+    with pytest.raises(UserError) as e:
+        trajectory.pca(run, memory_budget=0, progress=False)
+    _one_line(e, "temporary disk space", "TMPDIR")
+
