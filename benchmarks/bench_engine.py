@@ -108,6 +108,13 @@ def engine(name: str, images: int, bn_mode: str = "eval", strategy: str = "auto"
     return e, time.perf_counter() - t0
 
 
+@functools.cache
+def reference(name: str, images: int, bn_mode: str = "eval") -> ReferenceEvaluator:
+    """The reference evaluator (plain PyTorch, one point at a time) on ``problem(name, images)``."""
+    model, space, theta, dirs, ev = problem(name, images)
+    return ReferenceEvaluator(model, space, theta, dirs, ev, bn_mode, batch_size=128)
+
+
 def engine_info(e: BatchedEvaluator, points: int, images: int, **more: object) -> dict[str, object]:
     return {"points": points, "images": images, "strategy": e.strategy, "precision": e.precision,
             "block": e.block, "batch": e.batch, "macs_per_image": e.macs_per_image,
@@ -181,7 +188,7 @@ def test_compare(benchmark, sizes: Sizes, impl: str) -> None:  # type: ignore[no
         info.update(engine_info(e, res * res, sizes.images, build_seconds=round(build, 3)))
         run(benchmark, lambda: e.evaluate(coords), rounds=5)
     elif impl == "reference":
-        ref = ReferenceEvaluator(model, space, theta, dirs, ev, batch_size=128)
+        ref = reference(name, sizes.images)
         run(benchmark, lambda: ref.evaluate(coords), rounds=sizes.rounds_slow, warmup=0)
     elif impl == "li_et_al_loop":
         run(benchmark, lambda: li_et_al_loop(model, space, theta, dirs, ev, coords), rounds=sizes.rounds_slow,
@@ -253,7 +260,7 @@ def test_vgg(benchmark, sizes: Sizes, impl: str) -> None:  # type: ignore[no-unt
         info.update(engine_info(e, points, sizes.vgg_images, build_seconds=round(build, 3)))
         run(benchmark, lambda: e.evaluate(coords), rounds=2, warmup=0)
     else:
-        ref = ReferenceEvaluator(model, space, theta, dirs, ev, batch_size=128)
+        ref = reference(name, sizes.vgg_images)
         run(benchmark, lambda: ref.evaluate(coords), rounds=1, warmup=0)
     benchmark.extra_info.update(info)
 

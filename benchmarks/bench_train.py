@@ -11,7 +11,8 @@ where batched is chosen it is not slower than sequential.
 Device: CUDA when present, else CPU (``FASTLAND_BENCH_DEVICE=cpu|cuda`` overrides;
 ``FASTLAND_BENCH_THREADS=N`` sets torch's CPU threads). Sizes: LeNet ± BN at the study's batch
 of 128; VGG-16 ± BN at batch 8 with few rounds, unless ``--gpu-sizes`` (an option from
-benchmarks/conftest.py, when present) or a CUDA device asks for the full batch of 128.
+benchmarks/conftest.py, when present) or a CUDA device asks for the full batch of 128; ``--tiny``
+(the GPU runner's dry run) makes every model's batch 8.
 """
 
 from __future__ import annotations
@@ -33,15 +34,18 @@ MODES = ["none", "batched", "sequential", "auto"]
 LR = 0.01
 
 
-def _gpu_sizes(request: pytest.FixtureRequest) -> bool:
+def _option(request: pytest.FixtureRequest, name: str) -> bool:
     try:
-        return bool(request.config.getoption("--gpu-sizes", default=False))
+        return bool(request.config.getoption(name, default=False))
     except ValueError:  # the option is not registered (no benchmarks/conftest.py)
         return False
 
 
-def _sizes(name: str, full: bool) -> tuple[int, int]:
-    """(batch, rounds) for a model: VGG on the CPU gets a small batch and few rounds."""
+def _sizes(name: str, full: bool, tiny: bool = False) -> tuple[int, int]:
+    """(batch, rounds) for a model: VGG on the CPU gets a small batch and few rounds; ``--tiny`` (the GPU
+    runner's dry run) a batch of 8 and 2 rounds for every model."""
+    if tiny:
+        return 8, 2
     if name.startswith("vgg") and not (full or CUDA):
         return 8, 3
     return 128, (10 if name.startswith("vgg") else 20)
@@ -55,7 +59,7 @@ def _sync() -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", MODELS)
 def test_train_step(benchmark: pytest.FixtureRequest, request: pytest.FixtureRequest, name: str, mode: str) -> None:
-    batch, rounds = _sizes(name, _gpu_sizes(request))
+    batch, rounds = _sizes(name, _option(request, "--gpu-sizes"), _option(request, "--tiny"))
     torch.manual_seed(0)
     model = models.create(name).to(DEVICE).train()
     opt = torch.optim.Adam(model.parameters(), lr=LR)

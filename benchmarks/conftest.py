@@ -5,6 +5,8 @@
 - ``--gpu-sizes``: the sizes of the performance targets (10,000 images, full 201×201 grids,
   VGG-16-BN 51×51) instead of the CPU sizes that keep the suite within ~10 minutes on 2 cores.
   Benchmarks read it with the ``gpu_sizes`` fixture (or ``config.getoption("--gpu-sizes")``).
+- ``--tiny``: the sizes of the GPU runner's dry run (``benchmarks/gpu.sh --dry-run``), which only
+  checks that the scripts work.
 - ``FASTLAND_BENCH_THREADS=N`` sets torch's CPU threads (on a shared 2-core machine one
   thread gives steadier numbers); ``FASTLAND_BENCH_DEVICE=cpu|cuda`` picks the device in
   the bench modules.
@@ -33,6 +35,8 @@ if os.environ.get("FASTLAND_BENCH_THREADS"):
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--gpu-sizes", action="store_true", default=False,
                      help="benchmark at the performance targets' sizes (10,000 images, full grids); default: CPU sizes")
+    parser.addoption("--tiny", action="store_true", default=False,
+                     help="the GPU runner's dry-run sizes (seconds on a CPU; the numbers mean nothing): bench_train.py")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Module | None:
