@@ -192,3 +192,37 @@ def test_study_data_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for split in ("train", "test"):
         counts = {c: len(list((root / split / c).glob("*.jpg"))) for c in gpu_stages.CIFAR_CLASSES}
         assert set(counts.values()) == {3}, counts
+
+
+def test_gpu_only_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables that only a GPU run fills (Triton rows; targets met or not), from rows shaped as there."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_stages
+
+    def bench(impl: str, gbps: float, **extra: float) -> dict:
+        return {"name": f"test_perturb[vgg16-P32-fp32-{impl}]", "param": f"vgg16-P32-fp32-{impl}",
+                "extra_info": {"impl": impl, "n": 14_728_266, "gbps": gbps, **extra}}
+
+    header, rows, notes = gpu_stages._kernel_headline([
+        bench("triton", 2400.0, copy_gbps=2900.0, frac_of_copy=2400 / 2900), bench("eager", 900.0),
+        bench("compile", 1500.0), bench("triton_aligned", 2000.0, copy_gbps=2900.0, frac_of_copy=2000 / 2900)])
+    assert [r[:2] for r in rows] == [["perturb[vgg16-P32-fp32]", "triton"], ["perturb[vgg16-P32-fp32]", "triton_aligned"]]
+    assert rows[0][-2:] == ["0.83", "met"] and rows[1][-2:] == ["0.69", "NOT met"] and rows[0][5] == "1.6"
+    assert len(header) == len(rows[0]) and not notes
+
+    rec = gpu_stages.Record("engine", tmp_path, True, 60, "test")
+    rec.dry_run = False  # the table as a GPU run writes it
+    rec.results["cases"] = [
+        {"model": "lenet_bn", "res": 201, "images": 10_000, "target_s": 20.0, "strategy": "vmap", "precision": "tf32",
+         "grid_s": 12.5, "extrapolated": False, "points_per_s": 3232.0, "tflops_factorized": 40.0, "frac_of_peak": 0.2,
+         "baseline_s_per_point": 0.2, "timed_s": 12.5, "timed_points": 40401, "speedup_vs_baseline": 646.0},
+        {"model": "vgg16_bn", "res": 51, "images": 10_000, "target_s": 60.0, "strategy": "im2col", "precision": "tf32",
+         "grid_s": 95.0, "extrapolated": True, "points_per_s": 27.4, "tflops_factorized": 170.0, "frac_of_peak": 0.4,
+         "timed_s": 40.0, "timed_points": 1100},
+        {"model": "resnet20_bn", "res": 51, "images": 10_000, "target_s": None, "strategy": "loop"},
+    ]
+    gpu_stages._engine_table(rec)
+    rows = rec.sections["engine"][2]
+    assert rows[0][5] == "≤ 20 s: met" and rows[0][-2:] == ["646×", "met"]
+    assert rows[1][4] == "95.00 (extrapolated)" and rows[1][5] == "≤ 60 s: NOT met" and rows[1][-1] == "–"
+    assert rows[2][4:] == ["–"] * 8 and all(len(r) == len(rec.sections["engine"][1]) for r in rows)
