@@ -1,22 +1,35 @@
 """Rendering: real renders of synthetic surface files, read back and checked by numbers.
 
 PyVista renders offscreen (EGL without a display) at 640x360. Tests that need PyVista are
-skipped where it is not installed (the GPU machines); the matplotlib ones run everywhere.
+skipped where it is not installed (the GPU machines); the matplotlib ones run everywhere. The
+command line's bad input, full disks and missing displays run through a real interpreter
+(``run_cli``); the web page is opened in headless Chromium where it is installed.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
+import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import matplotlib.image
 import numpy as np
 import pytest
 
 from fastland import surfacefile
+from fastland.errors import UserError
 from fastland.viz import plots, prepare
 from fastland.viz.__main__ import main
 
@@ -116,23 +129,6 @@ def test_robust_clip_only_when_a_few_points_dominate(tmp_path: Path) -> None:
 def test_log_ticks_are_decades() -> None:
     assert [t for _, t in prepare.ticks(np.log10(0.03), np.log10(162), log=True)] == ["0.1", "1", "10", "100"]
     assert [t for _, t in prepare.ticks(0.0, 1.0, log=False)][:2] == ["0", "0.2"]
-
-
-def test_viz_package_and_plots_work_without_pyvista(tmp_path: Path) -> None:
-    """The GPU machines have no PyVista: fastland.viz and its matplotlib plots must not need it."""
-    two, one = write_surface(tmp_path / "two.h5"), write_surface(tmp_path / "one.h5", dim=1)
-    code = f"""
-import sys
-for name in ("pyvista", "vtk", "vtkmodules"):
-    sys.modules[name] = None  # importing any of them now raises ImportError
-import fastland.viz, fastland.viz.plots as plots
-from fastland.surfacefile import read
-plots.contour_png(read({str(two)!r}), {str(tmp_path / "map.png")!r})
-plots.line_png(read({str(one)!r}), {str(tmp_path / "line.png")!r}, log=True)
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
-    assert done.returncode == 0, done.stderr
-    assert n_colours(image(tmp_path / "map.png")) > 200 and n_colours(image(tmp_path / "line.png")) > 50
 
 
 # --- matplotlib ----------------------------------------------------------------------------
@@ -349,7 +345,339 @@ def test_headless_selects_egl_without_a_display(monkeypatch) -> None:
         assert not headless.has_display()
         headless.ensure_offscreen()
         assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkEGLRenderWindow"
-        monkeypatch.setenv("DISPLAY", ":0")
+        # A DISPLAY with no X server behind it is no display either.
+        monkeypatch.setenv("DISPLAY", f":{free_display()}")
         monkeypatch.delenv("VTK_DEFAULT_OPENGL_WINDOW")
+        assert not headless.has_display()
         headless.ensure_offscreen()
-        assert "VTK_DEFAULT_OPENGL_WINDOW" not in os.environ
+        assert os.environ["VTK_DEFAULT_OPENGL_WINDOW"] == "vtkEGLRenderWindow"
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="needs Xvfb (apt-get install xvfb) for a real X server")
+def test_has_display_with_a_real_x_server(tmp_path: Path) -> None:
+    number = free_display()
+    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "640x480x24", "-nolisten", "tcp"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while not Path(f"/tmp/.X11-unix/X{number}").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        code = "from fastland.viz.headless import has_display; print(has_display())"
+        env = {**os.environ, "DISPLAY": f":{number}"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert done.stdout.strip() == "True", done.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+# --- the command line through a real interpreter: bad input is one line, nothing is lost ------
+
+def free_display() -> int:
+    """An X display number with no server behind it."""
+    return next(n for n in range(90, 200) if not Path(f"/tmp/.X11-unix/X{n}").exists()
+                and not Path(f"/tmp/.X{n}-lock").exists())
+
+
+def run_cli(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in ``cwd``, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def one_error_line(done: subprocess.CompletedProcess, needle: str) -> str:
+    """Assert a failed run printed exactly one line on stderr, ``error: ...`` containing ``needle``, and no traceback."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, (done.stdout, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    return lines[0]
+
+
+def written(done: subprocess.CompletedProcess, cwd: Path) -> list[Path]:
+    """The files a run said it wrote (``wrote PATH`` lines)."""
+    return [cwd / line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.startswith("wrote ")]
+
+
+def no_pyvista(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing PyVista or VTK fails, as on the GPU machines."""
+    shim = tmp_path / "no_pyvista"
+    for name in ("pyvista", "vtk", "vtkmodules"):
+        (shim / name).mkdir(parents=True, exist_ok=True)
+        (shim / name / "__init__.py").write_text(f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs at ``folder``, to fill up; skips the test where mounting is not allowed (e.g. without root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount for a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB disk (see ``mounted_tmpfs``)."""
+    with mounted_tmpfs(tmp_path / "disk") as disk:
+        yield disk
+
+
+def test_cli_without_pyvista_is_one_line_and_matplotlib_outputs_still_work(bowl: Path, tmp_path: Path) -> None:
+    """The GPU machines have no PyVista: 3-D pictures say so in one line; the map and line plots work."""
+    env = no_pyvista(tmp_path)
+    done = run_cli("fastland.viz", [str(bowl), "--screenshot", "x.png"], tmp_path, env)
+    one_error_line(done, "3-D pictures need PyVista")
+    assert "--map" in done.stderr and not (tmp_path / "x.png").exists()
+    one = write_surface(tmp_path / "one.h5", dim=1)
+    for args, colours in (([str(bowl), "--map", "map.png"], 200), ([str(one), "--screenshot", "line.png", "--log"], 50)):
+        done = run_cli("fastland.viz", args, tmp_path, env)
+        assert done.returncode == 0 and not done.stderr, done.stderr
+        assert n_colours(image(tmp_path / args[2])) > colours
+
+
+BAD_OPTIONS = [  # the audit's cases run through a real interpreter; the rest in-process (faster)
+    (["--exaggeration", "nan"], "--exaggeration must be a number from 0.01 to 100, not nan", True),
+    (["--exaggeration", "inf"], "not inf", True),
+    (["--size", "100000x100000"], "at most 7000 pixels on a side", True),
+    (["--screenshot", "x.xyz"], "cannot write .xyz files; use one of .png, .jpg", True),
+    (["--screenshot", "/proc/x.png"], "/proc/x.png cannot be written", True),
+    (["--out-prefix", "a_file/x"], "a_file is a file, not a folder", True),
+    (["--exaggeration", "-inf"], "not -inf", False),
+    (["--exaggeration", "0"], "from 0.01 to 100", False),
+    (["--contours", "100000"], "--contours must be from 0 to 100", False),
+    (["--cmap", "nope"], "unknown colour map", False),
+    (["--log", "--accuracy"], "--log applies to the loss only", False),
+    (["--per-panel-scale"], "use them with --compare", False),
+    (["--map", "x.xyz"], "cannot write .xyz files; use one of .avif", False),
+    (["--out-prefix", "/proc/fastland/x"], "--out-prefix /proc/fastland/x cannot be written", False),
+    (["--screenshot", "a_file/x.png"], "a_file is a file, not a folder", False),
+    (["--map", "a_file/sub/x.png"], "a_file is a file, not a folder", False),
+    (["--screenshot", "x.png", "--out-prefix", "y"], "not allowed with argument", False),
+    (["--screenshot", "pipe.png"], "--screenshot pipe.png exists and is not a regular file", False),
+]
+
+
+@pytest.mark.parametrize("args, needle, shell", BAD_OPTIONS)
+def test_cli_bad_options_are_one_line_before_any_rendering(args: list[str], needle: str, shell: bool, bowl: Path,
+                                                           tmp_path: Path, capsys, monkeypatch) -> None:
+    if "/proc" in " ".join(args) and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "a_file").write_text("I am a file")
+    os.mkfifo(tmp_path / "pipe.png")  # not a file to replace with a picture (as root, neither is /dev/null)
+    before = sorted(tmp_path.rglob("*"))
+    if shell:
+        one_error_line(run_cli("fastland.viz", [str(bowl), *args], tmp_path), needle)
+    else:
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exit_:
+            main([str(bowl), *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing rendered, nothing written
+
+
+def test_cli_out_prefix_honours_the_view_options(render, tmp_path: Path) -> None:
+    surface = write_surface(tmp_path / "s.h5", n=21, warning="synthetic data")
+    size = ["--size", "320x200"]
+    runs = {"plain": [], "styled": ["--cmap", "plasma", "--contours", "3", "--exaggeration", "2.5"],
+            "acc": ["--accuracy"]}
+    for name, args in runs.items():
+        done = run_cli("fastland.viz", [str(surface), "--out-prefix", f"{name}/", *size, *args], tmp_path)
+        assert done.returncode == 0 and not done.stderr, done.stderr
+    for suffix in ("_3d.png", "_3d_log.png", "_map.png"):
+        plain, styled = image(tmp_path / "plain" / f"s{suffix}"), image(tmp_path / "styled" / f"s{suffix}")
+        assert plain.shape == styled.shape == (200, 320, 3)
+        assert np.abs(plain.astype(int) - styled).mean() > 5, suffix  # each option changed the picture
+    # The web scene follows them too: a box 2.5 times as high.
+    heights = {name: cube_axes(scene_json(tmp_path / name / "s.html"))["dataBounds"][5] for name in ("plain", "styled")}
+    assert heights["styled"] == pytest.approx(2.5 * heights["plain"])
+    assert sorted(p.name for p in (tmp_path / "acc").iterdir()) == ["s.gltf", "s.html", "s.vts", "s_3d.png", "s_map.png"]
+    assert np.abs(image(tmp_path / "acc" / "s_3d.png").astype(int) - image(tmp_path / "plain" / "s_3d.png")).mean() > 5
+
+
+def test_cli_display_without_an_x_server_writes_the_offscreen_outputs(render, tmp_path: Path) -> None:
+    surface = write_surface(tmp_path / "s.h5", n=21)
+    display = f":{free_display()}"
+    done = run_cli("fastland.viz", [str(surface), "--size", "320x200"], tmp_path, {"DISPLAY": display})
+    assert done.returncode == 0
+    assert done.stderr.strip() == f"no display (no X server answers at DISPLAY={display}): writing the offscreen " \
+                                  "outputs instead"
+    assert sorted(p.name for p in written(done, tmp_path)) == sorted(
+        ["s_3d.png", "s_3d_log.png", "s_map.png", "s.vts", "s.html", "s.gltf"])
+    assert n_colours(image(tmp_path / "s_3d.png")) > 500
+
+
+def test_cli_screenshot_into_a_folder_or_without_a_suffix_says_the_real_path(render, bowl: Path, tmp_path: Path) -> None:
+    (tmp_path / "vz").mkdir()
+    for target, real in (("vz", "vz/bowl_3d.png"), ("shot", "shot.png")):
+        done = run_cli("fastland.viz", [str(bowl), "--screenshot", target, "--size", "200x120"], tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"wrote {real}"
+        assert image(tmp_path / real).shape == (120, 200, 3)
+    assert not (tmp_path / "vz.png").exists()
+
+
+def test_outputs_never_replace_a_device_or_pipe(tmp_path: Path) -> None:
+    from fastland.viz import outputs
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(UserError, match="not a regular file"):
+        outputs.write_bytes(tmp_path / "pipe", b"picture")
+    assert (tmp_path / "pipe").is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_blank_render_is_refused_not_saved(render, tmp_path: Path) -> None:
+    plotter = render.new_plotter((64, 64), off_screen=True)  # nothing drawn: one flat colour, as an oversized window gives
+    with pytest.raises(UserError, match="blank"):
+        render._save(plotter, tmp_path / "blank.png")
+    assert not (tmp_path / "blank.png").exists()
+
+
+def complete(path: Path) -> bool:
+    """Whether an output file is whole: an image that decodes, a page that ends, a glTF or VTS that parses."""
+    if path.suffix == ".png":
+        return n_colours(image(path)) > 10
+    text = path.read_text()
+    if path.suffix == ".gltf":
+        return bool(json.loads(text)["meshes"])
+    return text.rstrip().endswith("</html>" if path.suffix == ".html" else "</VTKFile>")
+
+
+def test_full_disk_names_the_file_and_keeps_what_was_written(render, bowl: Path, tmp_path: Path, small_disk: Path) -> None:
+    names = ["x_3d.png", "x_3d_log.png", "x_map.png", "x.vts", "x.html", "x.gltf"]
+    for name in names:  # an earlier run's outputs: each must survive whole, old or new
+        (small_disk / name).write_bytes(f"old {name}".encode())
+    done = run_cli("fastland.viz", [str(bowl), "--out-prefix", str(small_disk / "x"), "--size", "200x120",
+                                    "--contours", "0"], tmp_path)
+    line = one_error_line(done, "the disk is full")
+    new = {p.name for p in written(done, tmp_path)}
+    failed = next(name for name in names if str(small_disk / name) in line)
+    assert new and failed not in new
+    for name in names:
+        if name in new:
+            assert complete(small_disk / name), name
+        else:  # not reached, or failed part-way: the previous file, untouched
+            assert (small_disk / name).read_bytes() == f"old {name}".encode()
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted(names)  # no temporary files left behind
+
+    (small_disk / "x.png").write_bytes(b"old screenshot")
+    done = run_cli("fastland.viz", [str(bowl), "--screenshot", str(small_disk / "x.png"), "--size", "640x480"], tmp_path)
+    one_error_line(done, f"{small_disk / 'x.png'}: the disk is full")
+    assert (small_disk / "x.png").read_bytes() == b"old screenshot"
+
+
+def without_accuracy(surface: surfacefile.Surface) -> surfacefile.Surface:
+    """The same surface as a regression loss gives it: no accuracy."""
+    fields = {f.name for f in dataclasses.fields(surface)}
+    return dataclasses.replace(surface, **({"metrics": {}} if "metrics" in fields else {"acc": None}))
+
+
+def test_accuracy_is_optional(render, tmp_path: Path) -> None:
+    """A regression loss records no accuracy (``Surface.acc`` is None): loss-only pictures, and a clear error for it."""
+    two = without_accuracy(surfacefile.read(write_surface(tmp_path / "two.h5", n=21)))
+    one = without_accuracy(surfacefile.read(write_surface(tmp_path / "one.h5", dim=1)))
+    assert two.acc is None and one.acc is None
+    with pytest.raises(UserError, match="records no accuracy"):
+        prepare.scaled(two, "acc")
+    with pytest.raises(UserError, match="records no accuracy"):
+        render.screenshot(two, tmp_path / "acc.png", render.View(quantity="acc"), size=SMALL)
+    assert n_colours(image(plots.line_png(one, tmp_path / "line.png"))) > 20
+    written_ = render.render_outputs(two, tmp_path / "out" / "two", size=SMALL)
+    assert len(written_) == 6 and all(p.stat().st_size > 1000 for p in written_)
+    import pyvista as pv
+
+    assert "acc" not in pv.read(tmp_path / "out" / "two.vts").point_data
+
+
+def test_cli_accuracy_on_a_file_without_one_is_one_line(tmp_path: Path) -> None:
+    path = write_surface(tmp_path / "reg.h5", n=11)
+    with h5py.File(path, "r+") as f:
+        del f["train_acc"]
+    try:
+        if surfacefile.read(path).acc is not None:
+            pytest.skip("this surfacefile still records an accuracy for every surface")
+    except UserError:
+        pytest.skip("this surfacefile cannot read a surface without accuracy yet")
+    one_error_line(run_cli("fastland.viz", [str(path), "--accuracy", "--map", "m.png"], tmp_path), "records no accuracy")
+    assert not (tmp_path / "m.png").exists()
+
+
+# --- the web page (vtk.js), read back and opened in a real browser ---------------------------
+
+def scene_json(page: Path) -> dict:
+    """The vtk.js scene inside an exported page: the zip in its base64 string, ``index.json``."""
+    text = page.read_text()
+    data = re.search(r'base64Str = "([A-Za-z0-9+/=]+)"', text).group(1)
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(data))) as z:
+        return json.loads(z.read("index.json"))
+
+
+def scene_objects(obj: dict) -> Iterator[dict]:
+    """Every object of a vtk.js scene, depth first."""
+    yield obj
+    for child in obj.get("dependencies", []):
+        yield from scene_objects(child)
+
+
+def cube_axes(scene: dict) -> dict:
+    return next(o for o in scene_objects(scene["scene"]) if o.get("type") == "vtkCubeAxesActor")["properties"]
+
+
+def page_ticks(page: Path) -> dict:
+    """What the page's script tells vtk.js to label its axes and colour bar with."""
+    return json.loads(re.search(r"const want = (\{.*?\});", page.read_text()).group(1))
+
+
+@pytest.fixture(scope="module")
+def web_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("pyvista")
+    from fastland.viz import render
+
+    out = tmp_path_factory.mktemp("web")
+    surface = write_surface(out / "s.h5", warning="synthetic data, not CIFAR-10")
+    return render.export_scene(surface, out / "s")[0]
+
+
+def test_web_page_labels_losses_and_carries_the_title_and_warning(web_page: Path) -> None:
+    surface = surfacefile.read(web_page.with_suffix(".h5"))
+    s = prepare.scaled(surface, log=True)  # the loss spans decades: the page is on a log scale
+    want = page_ticks(web_page)
+    assert want["labels"][2] == [t for _, t in prepare.ticks(*s.clim, log=True)] == ["0.1", "1", "10", "100"]
+    assert want["bar_labels"] == ["0.1", "1", "10", "100"] and want["bar"] == pytest.approx([-1, 0, 1, 2])
+    assert want["titles"] == ["α", "β", "train loss (log scale)"] and want["bar_title"] == "train loss (log scale)"
+    top = cube_axes(scene_json(web_page))["dataBounds"][5]  # heights run 0..top, labelled with the losses above
+    assert want["ticks"][2][0] > 0 and want["ticks"][2][-1] < top
+    text = web_page.read_text()
+    assert "WARNING: synthetic data, not CIFAR-10" in text and "lenet  ·  train split  ·  41×41 grid" in text
+    assert "3 points diverged (1 NaN, 2 inf)" in text and "<title>lenet" in text
+
+
+def chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Chromium (apt-get install chromium)")
+def test_web_page_in_a_real_browser_shows_the_surface_and_its_labels(web_page: Path, tmp_path: Path) -> None:
+    flags = [chromium(), "--headless=new", "--no-sandbox", "--use-gl=swiftshader", "--enable-unsafe-swiftshader",
+             "--window-size=1600,1000", "--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "page.png"
+    done = subprocess.run([*flags, f"--screenshot={shot}", "--dump-dom", web_page.as_uri()], capture_output=True,
+                          text=True, timeout=180)
+    img = image(shot)
+    h, w = img.shape[:2]
+    assert n_colours(img) > 1000  # not blank
+    assert coloured(img[h // 4: 3 * h // 4, w // 4: 3 * w // 4]).mean() > 0.3  # the surface fills the middle
+    red = img[: h // 8, : w // 3].astype(int)
+    assert ((red[..., 0] > 110) & (red[..., 1] < 40) & (red[..., 2] < 40)).sum() > 200  # the warning, in dark red
+    # The page's script ran in the browser and relabelled vtk.js's axes and colour bar in losses.
+    assert 'data-ticks="0.1 1 10 100 | 0.1 1 10 100"' in done.stdout

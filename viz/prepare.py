@@ -31,6 +31,17 @@ QUANTITIES = ("loss", "acc")
 
 
 @dataclass
+class View:
+    """What a picture shows; the CLI's options and the interactive viewer's controls set these fields."""
+
+    quantity: str = "loss"  # "loss" or "acc"
+    log: bool = False
+    exaggeration: float = 1.0
+    contours: int = 12
+    cmap: str = "viridis"
+
+
+@dataclass
 class Scaled:
     """One quantity of a surface, ready to draw.
 
@@ -38,13 +49,15 @@ class Scaled:
     (log10 of the loss on a log scale), NaN where nothing can be drawn: points not yet
     evaluated (``missing``) and evaluated points whose value is NaN or inf (``diverged``).
     ``clim`` is the colour and height range; values above ``clim[1]`` exist only when the
-    range was clipped. ``describe`` writes the notes an image prints about all of these.
+    range was clipped. ``label`` names the quantity and its scale, ``name`` the quantity alone.
+    ``describe`` writes the notes an image prints about all of these.
     """
 
     z: np.ndarray
     raw: np.ndarray
     clim: tuple[float, float]
     label: str
+    name: str  # the quantity without the scale: "train loss", "accuracy (%)"
     log: bool
     missing: np.ndarray
     diverged: np.ndarray
@@ -83,8 +96,15 @@ def values_of(surface: Surface, quantity: str) -> np.ndarray:
     """The raw array of ``quantity`` ('loss' or 'acc') with unevaluated points set to NaN."""
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, not {quantity!r}")
+    if quantity == "acc" and not has_accuracy(surface):
+        raise UserError(f"{surface.path} records no accuracy (its loss is not a classification loss); show its loss instead")
     values = np.asarray(surface.loss if quantity == "loss" else surface.acc, dtype=np.float64)
     return np.where(surface.done.astype(bool), values, np.nan)
+
+
+def has_accuracy(surface: Surface) -> bool:
+    """Whether the surface records an accuracy: a regression loss has none (``acc`` is None)."""
+    return getattr(surface, "acc", None) is not None
 
 
 def spans_decades(surface: Surface) -> bool:
@@ -135,11 +155,9 @@ def scaled(surface: Surface, quantity: str = "loss", log: bool = False, robust: 
     if clim[1] <= clim[0]:  # a flat surface still needs a non-empty range
         clim = (clim[0] - 0.5, clim[0] + 0.5)
 
-    if quantity == "acc":
-        label = "accuracy (%)"
-    else:
-        label = f"{surface.split} loss" + (" (log scale)" if log else "")
-    return Scaled(z, values, clim, label, log, missing, diverged, notes)
+    name = "accuracy (%)" if quantity == "acc" else f"{surface.split} loss"
+    label = name + (" (log scale)" if log else "")
+    return Scaled(z, values, clim, label, name, log, missing, diverged, notes)
 
 
 def shared_clim(parts: list[Scaled]) -> tuple[float, float]:
@@ -163,7 +181,7 @@ def title(surface: Surface) -> str:
     """Two lines that say what was run: model, split and grid; then BN mode, normalization, data."""
     a = surface.attrs
     n = f"{len(surface.x)} points" if surface.y is None else f"{len(surface.x)}×{len(surface.y)} grid"
-    first = f"{a.get('model', surface.path.stem)}  ·  {surface.split} split  ·  {n}"
+    first = f"{a.get('model', surface.path.stem if surface.path else 'surface')}  ·  {surface.split} split  ·  {n}"
     second = "  ·  ".join(f"{key}={a[key]}" for key in ("bn_mode", "norm", "data_source") if a.get(key))
     return f"{first}\n{second}" if second else first
 

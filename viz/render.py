@@ -5,25 +5,40 @@ it, contour lines lifted just above the surface and projected onto a floor, the 
 marked, axes labelled α, β and loss, a scalar bar, and printed notes (from
 ``fastland.viz.prepare``) that say how clipping, NaN, inf and holes were drawn.
 
-This module imports PyVista; ``fastland.viz`` itself never imports it.
+The same scene is also exported for the web browser (``export_scene``). vtk.js, which draws
+it there, has no log colour scale, no 2-D text and no Greek fonts in VTK's sense, so the web
+scene is built apart (``web=True``): coloured by log10 of the loss on a log scale, its axes a
+cube-axes actor labelled in loss values, and its title, data warning and notes written into
+the page as HTML.
+
+Every file is written whole or not at all (``fastland.viz.outputs``). This module imports
+PyVista; ``fastland.viz`` itself never imports it.
 """
 
 from __future__ import annotations
 
+import errno
+import html
+import json
+import shutil
 import sys
 import textwrap
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pyvista as pv
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from fastland.errors import UserError
 from fastland.surfacefile import Surface, read
 
 from .headless import ensure_offscreen
-from .prepare import Scaled, scaled, shared_clim, spans_decades, ticks, title, warning
+from .outputs import SCREENSHOT_FORMATS, SCREENSHOT_TYPES, check_size, replacing, write_bytes
+from .prepare import Scaled, View, scaled, shared_clim, spans_decades, ticks, title, warning
 
 # VTK's built-in fonts have no Greek letters; matplotlib ships DejaVu Sans, which does.
 FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
@@ -32,17 +47,6 @@ ASPECT = 0.5  # height of the box / width of the α-β square, at exaggeration 1
 FLOOR_GAP = 0.3  # the floor lies this fraction of the box height below it
 DIVERGED_COLOR = "magenta"
 CLIPPED_COLOR = "lightgray"
-
-
-@dataclass
-class View:
-    """What a picture shows; the interactive viewer's controls change these fields."""
-
-    quantity: str = "loss"  # "loss" or "acc"
-    log: bool = False
-    exaggeration: float = 1.0
-    contours: int = 12
-    cmap: str = "viridis"
 
 
 @dataclass
@@ -65,20 +69,26 @@ class _Box:
     def height(self, value: np.ndarray | float) -> np.ndarray | float:
         return (value - self.lo) / (self.hi - self.lo) * self.top
 
+    @classmethod
+    def around(cls, surface: Surface, view: View, lo: float, hi: float) -> _Box:
+        """The box of a 2-D surface whose drawn values run from ``lo`` to ``hi``."""
+        x0, x1, y0, y1 = surface.x[0], surface.x[-1], surface.y[0], surface.y[-1]
+        height = ASPECT * max(x1 - x0, y1 - y0)  # of the box at exaggeration 1
+        return cls(x0, x1, y0, y1, lo, hi, top=view.exaggeration * height, floor=-FLOOR_GAP * height)
+
 
 def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple[float, float] | None = None,
-                  scalar_bar: bool = True, panel: int = 0) -> Scaled:
+                  scalar_bar: bool = True, panel: int = 0, web: bool = False) -> Scaled:
     """Draw ``surface`` into the active renderer of ``plotter``; return what was drawn.
 
     ``clim`` fixes the colour and height range (shared across compared panels); by default it
     is the surface's own, robustly clipped range. ``panel`` keeps the actor names of compared
-    panels apart (PyVista replaces actors, and merges scalar bars, by name).
+    panels apart (PyVista replaces actors, and merges scalar bars, by name). ``web`` builds the
+    scene for vtk.js (see the module's docstring): no 2-D text, which the page carries instead.
     """
     s = scaled(surface, view.quantity, view.log)
     lo, hi = clim or s.clim
-    x0, x1, y0, y1 = surface.x[0], surface.x[-1], surface.y[0], surface.y[-1]
-    height = ASPECT * max(x1 - x0, y1 - y0)  # of the box at exaggeration 1
-    box = _Box(x0, x1, y0, y1, lo, hi, top=view.exaggeration * height, floor=-FLOOR_GAP * height)
+    box = _Box.around(surface, view, lo, hi)
     px = plotter.window_size[1] / 1080  # line widths below are for a 1080-pixel-high picture
 
     # Diverged points are raised to the top and coloured apart; clipped ones sit flat at the top.
@@ -90,12 +100,18 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     # reads in losses rather than in their logarithms.
     grid[s.label] = (10**s.z if s.log else s.z).ravel(order="F")
     grid["evaluated"] = (~s.missing).ravel(order="F").astype(np.uint8)
+    # vtk.js has no log colour scale: the web scene is coloured by log10 of the loss (its page
+    # then labels the colour bar in losses; see _TICKS_JS).
+    bar_title = web_name(s) if web else s.label + "\n" + " " * panel
+    if web:
+        grid[bar_title] = s.z.ravel(order="F")
     mesh = grid.threshold(0.5, scalars="evaluated", all_scalars=True) if s.missing.any() else grid
     mesh = mesh.extract_surface(algorithm=None)  # holes where the run has not been yet
 
-    bar_title = s.label + "\n" + " " * panel
+    log_colours = s.log and not web
     actor = plotter.add_mesh(
-        mesh, scalars=s.label, cmap=view.cmap, clim=(10**lo, 10**hi) if s.log else (lo, hi), log_scale=s.log,
+        mesh, scalars=bar_title if web else s.label, cmap=view.cmap, clim=(10**lo, 10**hi) if log_colours else (lo, hi),
+        log_scale=log_colours,
         nan_color=DIVERGED_COLOR, above_color=CLIPPED_COLOR if s.above(hi) else None,
         smooth_shading=True, specular=0.2, show_scalar_bar=scalar_bar, name=f"surface{panel}",
         scalar_bar_args=dict(
@@ -114,10 +130,19 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
         _fonts(bar.GetTitleTextProperty(), bar.GetLabelTextProperty())
 
     _add_contours(plotter, mesh, box, view, px, panel)
-    _add_best(plotter, surface, s, box, view, px, panel)
-    _add_axes(plotter, box, s, px, panel)
-    _add_text(plotter, surface, s, hi, panel)
+    _add_best(plotter, surface, s, box, view, px, panel, label=not web)
+    if web:
+        plotter.show_bounds(bounds=[box.x0, box.x1, box.y0, box.y1, 0.0, box.top], xtitle="α", ytitle="β",
+                            ztitle="height", color="black")  # its ticks and titles are set by the page
+    else:
+        _add_axes(plotter, box, s, px, panel)
+        _add_text(plotter, surface, s, hi, panel)
     return s
+
+
+def web_name(s: Scaled) -> str:
+    """The colour bar's title in the web scene as exported, whose numbers are log10 values on a log scale."""
+    return f"log₁₀ {s.name}" if s.log else s.name
 
 
 def _add_contours(plotter: pv.Plotter, mesh: pv.PolyData, box: _Box, view: View, px: float, panel: int) -> None:
@@ -142,8 +167,8 @@ def _add_contours(plotter: pv.Plotter, mesh: pv.PolyData, box: _Box, view: View,
 
 
 def _add_best(plotter: pv.Plotter, surface: Surface, s: Scaled, box: _Box, view: View, px: float,
-              panel: int) -> None:
-    """Mark the minimum loss (or maximum accuracy) with a sphere, a drop line and its value."""
+              panel: int, label: bool = True) -> None:
+    """Mark the minimum loss (or maximum accuracy) with a sphere, a drop line and (with ``label``) its value."""
     best = s.best(view.quantity)
     if best is None:
         return
@@ -152,12 +177,23 @@ def _add_best(plotter: pv.Plotter, surface: Surface, s: Scaled, box: _Box, view:
     plotter.add_mesh(pv.Sphere(radius=0.02 * box.span, center=point), color="red", name=f"best{panel}")
     plotter.add_mesh(pv.Line(point, (point[0], point[1], box.floor)), color="red", line_width=2 * px,
                      name=f"drop{panel}")
-    word = "max" if view.quantity == "acc" else "min"
+    if not label:
+        return
     plotter.add_point_labels(
-        [point], [f"{word} {s.raw[j, i]:.4g} at α={point[0]:.3g}, β={point[1]:.3g}"], font_size=font_size(plotter, 18),
+        [point], [best_text(surface, s, view.quantity)], font_size=font_size(plotter, 18),
         font_file=FONT, text_color="black", shape_color="white", shape_opacity=0.8,
         show_points=False, always_visible=True, name=f"best_label{panel}",
     )
+
+
+def best_text(surface: Surface, s: Scaled, quantity: str) -> str:
+    """``min 0.031 at α=0, β=0``: the best point's value and place ('' when nothing can be drawn)."""
+    best = s.best(quantity)
+    if best is None:
+        return ""
+    j, i = best
+    word = "max" if quantity == "acc" else "min"
+    return f"{word} {s.raw[j, i]:.4g} at α={surface.x[i]:.3g}, β={surface.y[j]:.3g}"
 
 
 def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) -> None:
@@ -200,10 +236,14 @@ def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) 
 
 def _add_text(plotter: pv.Plotter, surface: Surface, s: Scaled, hi: float, panel: int) -> None:
     """Title, data warning, and the notes on how awkward values were drawn."""
-    plotter.add_text(title(surface), position="upper_left", font_size=font_size(plotter, 20), color="black",
-                     font_file=FONT, name=f"title{panel}")
+    text, size = title(surface), font_size(plotter, 20)
+    plotter.add_text(text, position="upper_left", font_size=size, color="black", font_file=FONT, name=f"title{panel}")
     if warning(surface):
-        plotter.add_text(warning(surface), position=(0.01, 0.87), viewport=True, font_size=font_size(plotter, 17),
+        # Just under the title: a line of VTK text is about 2.1 pixels per point of font size, and
+        # small pictures keep a legible minimum size, so a fixed place would overlap the title.
+        small = font_size(plotter, 17)
+        below = (2.1 * (size * (text.count("\n") + 1) + small) + 0.01 * plotter.window_size[1]) / plotter.window_size[1]
+        plotter.add_text(warning(surface), position=(0.01, 1 - below), viewport=True, font_size=small,
                          color="darkred", font_file=FONT, name=f"warning{panel}")
     notes = s.describe(hi, above="drawn flat at the top in light grey",
                        diverged=f"drawn at the top in {DIVERGED_COLOR}", missing="left as holes")
@@ -288,92 +328,240 @@ def comparison_plotter(surfaces: list[Surface], shared: bool, view: View, size: 
 
 
 def _save(plotter: pv.Plotter, path: Path) -> Path:
-    """Anti-alias, write the PNG, and free the window."""
+    """Anti-alias, write the image (PNG, JPEG, BMP or TIFF by its suffix) whole or not at all, and free the window."""
+    if path.suffix.lower() not in SCREENSHOT_FORMATS:
+        plotter.close()
+        raise UserError(f"cannot write {path}: use one of {', '.join(SCREENSHOT_TYPES)}")
+    try:
+        plotter.enable_anti_aliasing("ssaa")
+        image = plotter.screenshot(return_img=True)
+    finally:
+        plotter.close()
+    if (image == image[0, 0]).all():  # an oversized window, or a broken driver, gives a blank picture
+        raise UserError(f"the renderer returned a blank {image.shape[1]}x{image.shape[0]} picture for {path}; "
+                        "try a smaller --size")
     path.parent.mkdir(parents=True, exist_ok=True)
-    plotter.enable_anti_aliasing("ssaa")
-    plotter.screenshot(path)
-    plotter.close()
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format=SCREENSHOT_FORMATS[path.suffix.lower()])
     return path
 
 
 def screenshot(surface: Surface | str | Path, path: str | Path, view: View | None = None,
-               size: tuple[int, int] = SIZE) -> Path:
-    """Write an anti-aliased PNG of the 3-D surface; a 1-D surface becomes a matplotlib line plot."""
+               size: tuple[int, int] | None = None) -> Path:
+    """Write an anti-aliased picture of the 3-D surface; a 1-D surface becomes a matplotlib line plot.
+
+    ``size`` defaults to 1920x1080 (the line plot: 1200x750).
+    """
     surface, view = _surface(surface), view or View()
     if surface.dim == 1:
         from .plots import line_png
 
-        return line_png(surface, path, log=view.log)
+        return line_png(surface, path, log=view.log, size=size)
+    size = size or SIZE
+    check_size(size)
     return _save(landscape_plotter(surface, view, size), Path(path))
 
 
 def compare(surfaces: list[Surface | str | Path], path: str | Path, shared: bool = True, view: View | None = None,
-            size: tuple[int, int] = SIZE) -> Path:
+            size: tuple[int, int] | None = None) -> Path:
     """Write surfaces side by side with linked cameras, on one shared or a per-panel scale.
 
     A shared scale (the default) gives every panel the same colour and height range, so a
     flatter landscape looks flatter, as in the seed's figure of LeNet with and without BN.
     """
+    size = size or SIZE
+    check_size(size)
     plotter = comparison_plotter([_surface(s) for s in surfaces], shared, view or View(), size)
     return _save(plotter, Path(path))
 
 
 def export_vts(surface: Surface | str | Path, path: str | Path) -> Path:
-    """Write a ParaView structured grid: the flat α-β grid with the loss, acc and done arrays.
+    """Write a ParaView structured grid: the flat α-β grid with the loss, acc (if recorded) and done arrays.
 
     Values are written as recorded (NaN where not evaluated or diverged), with the surface
     file's attributes as field data; in ParaView, "Warp By Scalar" on ``loss`` raises it.
     """
+    from vtkmodules.vtkIOXML import vtkXMLStructuredGridWriter
+
     surface, path = _surface(surface), Path(path)
     y = surface.y if surface.y is not None else np.zeros(1)
     x, y = np.meshgrid(surface.x, y)
     grid = pv.StructuredGrid(x, y, np.zeros_like(x))
-    for name, values in (("loss", surface.loss), ("acc", surface.acc), ("done", surface.done)):
-        grid[name] = np.asarray(values).reshape(x.shape).ravel(order="F")
+    arrays = [("loss", surface.loss), ("acc", surface.acc), ("done", surface.done)]
+    for name, values in arrays:
+        if values is not None:
+            grid[name] = np.asarray(values).reshape(x.shape).ravel(order="F")
     for key, value in surface.attrs.items():
         grid.field_data[key] = np.array([str(value)])
+    # VTK's file writer reports a full disk only in its log: write to a string, and the file from Python.
+    writer = vtkXMLStructuredGridWriter()
+    writer.SetInputData(grid)
+    writer.SetDataModeToBinary()  # base64 inline: the string is plain text
+    writer.SetCompressorTypeToZLib()
+    writer.WriteToOutputStringOn()
+    writer.Write()
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return write_bytes(path, writer.GetOutputString())
 
 
-def export_scene(surface: Surface | str | Path, prefix: str | Path, view: View | None = None) -> list[Path]:
-    """Write the 3-D scene as a self-contained interactive ``.html`` (vtk.js) and a ``.gltf`` (glTF, data inlined).
+def scene_plotter(surface: Surface, view: View) -> tuple[pv.Plotter, Scaled]:
+    """The web scene of one surface (see the module's docstring), from the default camera."""
+    plotter = new_plotter(SIZE, off_screen=True)
+    s = add_landscape(plotter, surface, view, web=True)
+    default_camera(plotter)
+    return plotter, s
 
-    Both keep the geometry, colours, contour lines and markers; the on-image text (title,
-    notes, tick labels) is 2-D overlay that neither format carries.
-    """
-    surface, prefix = _surface(surface), str(prefix)
-    html, gltf = Path(prefix + ".html"), Path(prefix + ".gltf")
-    html.parent.mkdir(parents=True, exist_ok=True)
-    plotter = landscape_plotter(surface, view or View(log=spans_decades(surface)))
+
+def scene_view(surface: Surface, view: View | None) -> View:
+    """The view of the exported scene: a log scale when asked for, or when the loss spans decades."""
+    view = view or View()
+    return replace(view, log=view.quantity == "loss" and (view.log or spans_decades(surface)))
+
+
+# vtk.js labels the cube axes and the colour bar with its own linear ticks of the scene's numbers:
+# scene heights (0 to 1) and, on a log scale, log10 of the loss. Once the scene is loaded, give
+# both fastland's ticks instead, the same as the PNG's (losses; decades on a log scale), and note
+# on the title that this was done (tests read it back from the page).
+_TICKS_JS = """<script>
+(function () {
+  const want = %s;
+  let tries = 0;
+  const timer = setInterval(function () {
+    const rw = window.global && window.global.renderWindow;
+    const props = rw ? rw.getRenderers().flatMap(function (r) { return r.getViewProps(); }) : [];
+    const axes = props.find(function (p) { return p.isA("vtkCubeAxesActor"); });
+    const bar = props.find(function (p) { return p.isA("vtkScalarBarActor"); });
+    if ((axes && bar) || ++tries > 600) clearInterval(timer);
+    if (!axes || !bar) return;
+    axes.setAxisLabels(want.titles);
+    axes.setGenerateTicks(function () { return {ticks: want.ticks, tickStrings: want.labels}; });
+    const bounds = axes.getDataBounds().slice();  /* new bounds make it ask for ticks again */
+    axes.setDataBounds(bounds.map(function (v) { return v + 1e-9; }));
+    axes.update();
+    axes.setDataBounds(bounds);
+    axes.update();
+    bar.setAxisLabel(want.bar_title);
+    bar.setGenerateTicks(function (helper) { helper.setTicks(want.bar); helper.setTickStrings(want.bar_labels); });
+    rw.render();
+    document.getElementById("fastland-title").dataset.ticks = want.labels[2].join(" ") + " | " + want.bar_labels.join(" ");
+  }, 100);
+})();
+</script>
+"""
+
+
+def _ticks_js(surface: Surface, s: Scaled, view: View) -> str:
+    """The page script that labels the web scene's axes and colour bar (see ``_TICKS_JS``)."""
+    box = _Box.around(surface, view, *s.clim)
+    marks = ticks(*s.clim, s.log)
+    axes = [[(float(v), f"{v:.3g}") for v in MaxNLocator(4).tick_values(a, b) if a - 1e-9 <= v <= b + 1e-9]
+            for a, b in ((box.x0, box.x1), (box.y0, box.y1))]
+    axes.append([(float(box.height(v)), text) for v, text in marks])
+    want = dict(titles=["α", "β", s.label], ticks=[[v for v, _ in a] for a in axes],
+                labels=[[t for _, t in a] for a in axes], bar_title=s.label, bar=[v for v, _ in marks],
+                bar_labels=[t for _, t in marks])
+    return _TICKS_JS % json.dumps(want)
+
+
+def _overlay(surface: Surface, s: Scaled, quantity: str) -> str:
+    """The page's 2-D text, which vtk.js cannot draw: title, data warning, how awkward values were drawn, controls."""
+    hi = s.clim[1]
+    notes = s.describe(hi, above="drawn flat at the top in light grey", diverged=f"drawn at the top in {DIVERGED_COLOR}",
+                       missing="left as holes")
+    best = best_text(surface, s, quantity)
+    lines = [*notes, *([f"red sphere: {best}"] if best else []),
+             "drag: rotate · shift-drag: pan · scroll: zoom"]
+    head = "<br>".join(html.escape(line) for line in title(surface).split("\n"))
+    warn = ""
+    if warning(surface):
+        warn = f'<div style="color:darkred;font-size:20px;margin-top:6px">{html.escape(warning(surface))}</div>'
+    foot = "<br>".join(html.escape(line) for line in lines)
+    box = "position:absolute;left:14px;z-index:10;pointer-events:none;font-family:DejaVu Sans,sans-serif"
+    # vtk.js draws into the first element of class "content" (else into the body, emptying it first).
+    return ('<div class="content" style="position:absolute;top:0;left:0;width:100%;height:100%"></div>\n'
+            f'<div id="fastland-title" style="{box};top:10px;font-size:18px;color:black">{head}{warn}</div>\n'
+            f'<div id="fastland-notes" style="{box};bottom:10px;font-size:14px;color:dimgray">{foot}</div>\n')
+
+
+def _page(plotter: pv.Plotter, surface: Surface, s: Scaled, view: View) -> str:
+    """The web scene in ``plotter`` as a self-contained interactive page, with its title, warning, notes and ticks."""
     # trame-pyvista exports through a local trame server, which also starts trame-vtklocal; that
     # downloads VTK's WebAssembly build in the background, failing noisily offline. The vtk.js
     # page written here does not use it, so keep the module out (an absent module is optional
     # to trame-pyvista).
     sys.modules.setdefault("trame.widgets.vtklocal", None)
-    plotter.trame.export_html(html)
-    plotter.export_gltf(str(gltf))
-    plotter.close()
-    return [html, gltf]
+    page = plotter.trame.export_html(None).read()
+    first = title(surface).split("\n")[0]
+    page = page.replace("<title>VTK.js | Example - OfflineLocalView</title>", f"<title>{html.escape(first)}</title>", 1)
+    at = page.find("<body>") + len("<body>")
+    if at < len("<body>"):
+        raise RuntimeError("trame's page has no <body> tag: fastland.viz.render._page needs updating")
+    return page[:at] + "\n" + _overlay(surface, s, view.quantity) + _ticks_js(surface, s, view) + page[at:]
 
 
-def render_outputs(surface_path: str | Path, out_prefix: str | Path, size: tuple[int, int] = SIZE) -> list[Path]:
-    """Write every offscreen output of one surface file; return the paths written.
+def _write_gltf(plotter: pv.Plotter, path: Path) -> Path:
+    """Write the scene as glTF (data inlined); checked, because VTK reports a failed write only in its log."""
+    with replacing(path) as tmp:
+        plotter.export_gltf(str(tmp))
+        try:
+            json.loads(tmp.read_bytes())
+        except ValueError:
+            full = shutil.disk_usage(tmp.parent).free < 2**20
+            raise OSError(errno.ENOSPC if full else errno.EIO, "VTK wrote an incomplete file") from None
+    return path
 
-    2-D: ``_3d.png`` (linear), ``_3d_log.png``, ``_map.png`` (matplotlib), ``.vts``, ``.html``
-    and ``.gltf``. 1-D: ``_1d.png`` and ``_1d_log.png`` line plots. Names are ``out_prefix`` plus
-    these suffixes.
+
+def _scene_outputs(surface: Surface, prefix: str, view: View | None) -> Iterator[Path]:
+    """Write ``PREFIX.html`` and ``PREFIX.gltf`` from one web scene, yielding each once complete."""
+    view = scene_view(surface, view)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    plotter, s = scene_plotter(surface, view)
+    try:
+        yield write_bytes(prefix + ".html", _page(plotter, surface, s, view))
+        yield _write_gltf(plotter, Path(prefix + ".gltf"))
+    finally:
+        plotter.close()
+
+
+def export_scene(surface: Surface | str | Path, prefix: str | Path, view: View | None = None) -> list[Path]:
+    """Write the 3-D scene as a self-contained interactive ``.html`` (vtk.js) and a ``.gltf`` (glTF, data inlined).
+
+    Both keep the geometry, colours, contour lines and markers. The page also carries the
+    title, data warning, notes and labelled axes; glTF has no text. The view is the given one,
+    on a log scale when the loss spans decades.
     """
-    from .plots import contour_png, line_png
+    return list(_scene_outputs(_surface(surface), str(prefix), view))
 
-    surface, prefix = read(surface_path), str(out_prefix)
+
+def iter_outputs(surface: Surface | str | Path, out_prefix: str | Path, view: View | None = None,
+                 size: tuple[int, int] | None = None) -> Iterator[Path]:
+    """Write every offscreen output of one surface, yielding each path once its file is complete.
+
+    2-D loss: ``_3d.png`` (linear), ``_3d_log.png``, ``_map.png`` (matplotlib), ``.vts``,
+    ``.html`` and ``.gltf``; accuracy (``view.quantity == "acc"``): the same without
+    ``_3d_log.png``. 1-D: ``_1d.png`` and ``_1d_log.png`` line plots. Names are ``out_prefix``
+    plus these suffixes. ``view`` sets the colour map, contour lines and height of all of them.
+    """
+    from .plots import contour_png, line_outputs
+
+    surface, prefix, view = _surface(surface), str(out_prefix), view or View()
     if surface.dim == 1:
-        return [line_png(surface, prefix + "_1d.png"), line_png(surface, prefix + "_1d_log.png", log=True)]
-    return [
-        screenshot(surface, prefix + "_3d.png", View(), size),
-        screenshot(surface, prefix + "_3d_log.png", View(log=True), size),
-        contour_png(surface, prefix + "_map.png"),
-        export_vts(surface, prefix + ".vts"),
-        *export_scene(surface, prefix),
-    ]
+        yield from line_outputs(surface, prefix, size)
+        return
+    if size:
+        check_size(size)
+    if view.quantity == "acc":
+        yield screenshot(surface, prefix + "_3d.png", view, size)
+    else:
+        yield screenshot(surface, prefix + "_3d.png", replace(view, log=False), size)
+        yield screenshot(surface, prefix + "_3d_log.png", replace(view, log=True), size)
+    yield contour_png(surface, prefix + "_map.png", log=True if view.log else None, quantity=view.quantity,
+                      cmap=view.cmap, contours=view.contours, size=size)
+    yield export_vts(surface, prefix + ".vts")
+    yield from _scene_outputs(surface, prefix, view)
+
+
+def render_outputs(surface_path: str | Path, out_prefix: str | Path, size: tuple[int, int] | None = None,
+                   view: View | None = None) -> list[Path]:
+    """Write every offscreen output of one surface file (see ``iter_outputs``); return the paths written."""
+    return list(iter_outputs(surface_path, out_prefix, view, size))

@@ -1,9 +1,9 @@
 """The interactive viewer: one surface in a PyVista window, with on-screen controls.
 
 Sliders set the z-exaggeration, the number of contour lines and the colour map; check boxes
-switch the log scale and loss/accuracy. Each control changes one field of a ``View`` and
-redraws the scene through ``add_landscape``, the same code that draws the saved PNGs, so the
-window and the files always agree.
+switch the log scale and loss/accuracy (the latter only when the file records an accuracy).
+Each control changes one field of a ``View`` and redraws the scene through ``add_landscape``,
+the same code that draws the saved PNGs, so the window and the files always agree.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from fastland.surfacefile import Surface
 
-from .render import FONT, View, add_landscape, default_camera, font_size, new_plotter
+from .prepare import View, has_accuracy
+from .render import FONT, add_landscape, default_camera, font_size, new_plotter
 
 COLORMAPS = ["viridis", "plasma", "cividis", "magma", "coolwarm", "terrain", "RdYlBu_r", "Spectral_r"]
 SIZE = (1600, 900)
@@ -76,10 +77,9 @@ class Viewer:
         maps = COLORMAPS if view.cmap in COLORMAPS else [view.cmap, *COLORMAPS]
         pl.add_text_slider_widget(lambda name: self.update(cmap=name), maps, value=maps.index(view.cmap),
                                   pointa=(0.85, 0.93), pointb=(0.97, 0.93), color="black", style="modern")
-        boxes = [
-            (lambda on: self.update(log=bool(on)), view.log),
-            (lambda on: self.update(quantity="acc" if on else "loss"), view.quantity == "acc"),
-        ]
+        boxes = [(lambda on: self.update(log=bool(on)), view.log)]
+        if has_accuracy(self.surface):
+            boxes.append((lambda on: self.update(quantity="acc" if on else "loss"), view.quantity == "acc"))
         for k, (callback, value) in enumerate(boxes):
             x, y, size = self._box_place(k)
             pl.add_checkbox_button_widget(callback, value=value, position=(x, y), size=size, color_on="royalblue",
@@ -93,7 +93,8 @@ class Viewer:
     def _add_labels(self) -> None:
         """The check boxes' labels, and the mouse and key help."""
         pl = self.plotter
-        for k, label in enumerate(["log scale (loss only)", "show accuracy instead of loss"]):
+        labels = ["log scale (loss only)", "show accuracy instead of loss"][: 2 if has_accuracy(self.surface) else 1]
+        for k, label in enumerate(labels):
             x, y, size = self._box_place(k)
             pl.add_text(label, position=(x + size + 8, y + size // 4), font_size=font_size(pl, 14), color="black",
                         font_file=FONT, name=f"control_label{k}")
