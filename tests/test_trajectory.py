@@ -4,6 +4,7 @@ exactly, shares one basis across runs with the same initial weights, refuses bad
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -245,14 +246,20 @@ def test_h5_fields_read_as_li_et_al(tmp_path: Path) -> None:
 
 
 def test_trained_run_end_to_end(tmp_path: Path) -> None:
-    """A real (tiny) fastland.train run: 3 epochs give epoch_001..003 and final.pt (= epoch_003)."""
-    cfg = TrainConfig(model="lenet", data="synthetic", samples="128", epochs=3, batch=32, device="cpu")
+    """A real (tiny) fastland.train run: 3 epochs of 4 steps, epoch_000.pt (the initial weights) where
+    training saves it, step_XXXXXXX.pt every 2 steps where it has --save-every, final.pt (= epoch_003.pt)."""
+    extra = {"save_every": 2} if "save_every" in {f.name for f in fields(TrainConfig)} else {}
+    cfg = TrainConfig(model="lenet", data="synthetic", samples="128", epochs=3, batch=32, device="cpu", **extra)
     train(cfg, tmp_path / "run", progress=False)
     traj = trajectory.pca(tmp_path / "run", progress=False)
     path = traj.paths[0]
-    assert [f.name for f in path.files] == ["epoch_001.pt", "epoch_002.pt", "final.pt"]
-    assert path.steps.tolist() == [4, 8, 12] and path.epochs.tolist() == [1, 2, 3]
-    assert np.array_equal(path.coords[-1], [0, 0]) and path.residual.max() < 1e-6 * path.distance
+    init = (tmp_path / "run" / "epoch_000.pt").exists()
+    steps = ([0] if init else []) + (list(range(2, 13, 2)) if extra else [4, 8, 12])
+    assert path.steps.tolist() == steps
+    names = {0: "epoch_000.pt", 4: "epoch_001.pt", 8: "epoch_002.pt", 12: "final.pt"}
+    assert [f.name for f in path.files] == [names.get(s, trajectory.step_filename(s)) for s in steps]
+    assert path.epoch_end.tolist() == [s in names for s in steps]
+    assert np.array_equal(path.coords[-1], [0, 0]) and path.distance > 0
     assert traj.included == ("0.weight", "3.weight", "7.weight", "9.weight", "11.weight")
 
 
