@@ -527,6 +527,16 @@ def test_cli_screenshot_into_a_folder_or_without_a_suffix_says_the_real_path(ren
     assert not (tmp_path / "vz.png").exists()
 
 
+def test_a_surface_too_large_for_the_memory_is_refused_before_drawing(bowl: Path, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    monkeypatch.setattr(prepare, "BYTES_PER_POINT", 10**12)  # as if the grid had a billion times more points
+    with pytest.raises(SystemExit) as exit_:
+        main([str(bowl), "--map", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "drawing 1,681 points needs about" in err and "\n" not in err, err
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_outputs_never_replace_a_device_or_pipe(tmp_path: Path) -> None:
     from fastland.viz import outputs
 

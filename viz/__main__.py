@@ -22,7 +22,7 @@ from fastland.surfacefile import Surface, read
 
 from .headless import has_display, why_no_display
 from .outputs import MAX_SIDE, SCREENSHOT_TYPES, check_size, figure_types, image_path, prefix_path
-from .prepare import View, scaled
+from .prepare import View, check_memory, scaled
 
 EXAGGERATION = (0.01, 100.0)
 MAX_CONTOURS = 100
@@ -121,6 +121,7 @@ def check_surfaces(surfaces: list[Surface], view: View, args: argparse.Namespace
     """What the files allow: something to draw, an accuracy when asked for, 2-D where needed."""
     for s in surfaces:
         scaled(s, view.quantity, view.log)  # one line for an empty file, or for --accuracy on a file without one
+    check_memory(surfaces)
     compare = len(surfaces) > 1
     if compare and any(s.dim != 2 for s in surfaces):
         raise UserError("--compare needs 2-D surfaces; plot 1-D surfaces one at a time")

@@ -26,6 +26,9 @@ CLIP_PERCENTILE = 95.0
 CLIP_STRETCH = 1.0
 # Log scale is chosen automatically when the finite positive losses span this many decades.
 AUTO_LOG_DECADES = 2.0
+# Peak memory of drawing a surface (all six --out-prefix outputs), measured on the 2-core CPU
+# machine: about 0.6 GB of libraries plus 650 bytes a grid point (1001x1001: 1.2 GB in all).
+BYTES_PER_POINT = 700
 
 QUANTITIES = ("loss", "acc")
 
@@ -100,6 +103,20 @@ def values_of(surface: Surface, quantity: str) -> np.ndarray:
         raise UserError(f"{surface.path} records no accuracy (its loss is not a classification loss); show its loss instead")
     values = np.asarray(surface.loss if quantity == "loss" else surface.acc, dtype=np.float64)
     return np.where(surface.done.astype(bool), values, np.nan)
+
+
+def check_memory(surfaces: list[Surface]) -> None:
+    """Refuse, before drawing, surfaces whose pictures would not fit in 80% of the free host memory."""
+    import torch
+
+    from fastland.device import free_memory
+
+    points = sum(int(np.size(s.loss)) for s in surfaces)
+    need, free = points * BYTES_PER_POINT, free_memory(torch.device("cpu"))
+    if need > 0.8 * free:
+        raise UserError(f"drawing {points:,} points needs about {need / 2**30:.1f} GiB of memory, but only "
+                        f"{free / 2**30:.1f} GiB is free (the limit is 80% of that); draw it on a machine with more "
+                        "memory, or compute a coarser surface")
 
 
 def has_accuracy(surface: Surface) -> bool:

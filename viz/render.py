@@ -38,7 +38,7 @@ from fastland.surfacefile import Surface, read
 
 from .headless import ensure_offscreen
 from .outputs import SCREENSHOT_FORMATS, SCREENSHOT_TYPES, check_size, replacing, write_bytes
-from .prepare import Scaled, View, scaled, shared_clim, spans_decades, ticks, title, warning
+from .prepare import Scaled, View, check_memory, scaled, shared_clim, spans_decades, ticks, title, warning
 
 # VTK's built-in fonts have no Greek letters; matplotlib ships DejaVu Sans, which does.
 FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
@@ -86,6 +86,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
     panels apart (PyVista replaces actors, and merges scalar bars, by name). ``web`` builds the
     scene for vtk.js (see the module's docstring): no 2-D text, which the page carries instead.
     """
+    check_memory([surface])
     s = scaled(surface, view.quantity, view.log)
     lo, hi = clim or s.clim
     box = _Box.around(surface, view, lo, hi)
