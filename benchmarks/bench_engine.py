@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastland import data, directions, models
+from fastland import data, directions, losses, models
 from fastland.engine import BatchedEvaluator, precision_context
 from fastland.params import FlatSpace
 from fastland.reference import ReferenceEvaluator
@@ -85,6 +85,15 @@ def problem(name: str, images: int) -> tuple[nn.Module, FlatSpace, torch.Tensor,
     return model, space, theta, dirs, evalset
 
 
+@functools.cache
+def task(name: str, images: int) -> losses.Task:
+    """Cross-entropy, resolved against the model's outputs on the problem's data."""
+    model, _, _, _, ev = problem(name, images)
+    x, y = ev.sample()
+    with torch.no_grad():
+        return losses.resolve(None, copy.deepcopy(model).eval()(x), y)
+
+
 def grid(res: int) -> torch.Tensor:
     """``[res², 2]`` coordinates of a res×res grid over [-1, 1]², row by row."""
     x = torch.linspace(-1, 1, res)
@@ -104,7 +113,8 @@ def engine(name: str, images: int, bn_mode: str = "eval", strategy: str = "auto"
     """A built engine (cached: built once per configuration) and its construction time in seconds."""
     model, space, theta, dirs, ev = problem(name, images)
     t0 = time.perf_counter()
-    e = BatchedEvaluator(model, space, theta, dirs, ev, bn_mode=bn_mode, strategy=strategy, block=block)
+    e = BatchedEvaluator(model, space, theta, dirs, ev, task(name, images), bn_mode=bn_mode, strategy=strategy,
+                         block=block)
     return e, time.perf_counter() - t0
 
 
@@ -112,13 +122,13 @@ def engine(name: str, images: int, bn_mode: str = "eval", strategy: str = "auto"
 def reference(name: str, images: int, bn_mode: str = "eval") -> ReferenceEvaluator:
     """The reference evaluator (plain PyTorch, one point at a time) on ``problem(name, images)``."""
     model, space, theta, dirs, ev = problem(name, images)
-    return ReferenceEvaluator(model, space, theta, dirs, ev, bn_mode, batch_size=128)
+    return ReferenceEvaluator(model, space, theta, dirs, ev, task(name, images), bn_mode, batch_size=128)
 
 
 def engine_info(e: BatchedEvaluator, points: int, images: int, **more: object) -> dict[str, object]:
     return {"points": points, "images": images, "strategy": e.strategy, "precision": e.precision,
-            "block": e.block, "batch": e.batch, "macs_per_image": e.macs_per_image,
-            "macs_per_image_factorized": e.macs_per_image_factorized,
+            "block": e.block, "batch": e.batch, "macs_per_image": e.macs_per_sample,
+            "macs_per_image_factorized": e.macs_per_sample_factorized,
             "probe_us_per_point_image": {k: round(v * 1e6, 3) for k, v in e.timings.items()}, **more}
 
 
@@ -136,7 +146,7 @@ def li_et_al_loop(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs:
     weights = [p.data.clone() for p in net.parameters()]
     dx = list(space.views(dirs[0]).values())
     dy = list(space.views(dirs[1]).values())
-    x, y = ev.normalize(ev.images).cpu(), ev.labels.cpu()
+    x, y = ev.prepare(ev.inputs).cpu(), ev.targets.cpu()
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
     criterion = nn.CrossEntropyLoss()
     out = []
@@ -163,7 +173,7 @@ def loss_landscapes_plane(model: nn.Module, ev: data.EvalSet, res: int) -> objec
     import loss_landscapes
     import loss_landscapes.metrics
 
-    x, y = ev.normalize(ev.images), ev.labels
+    x, y = ev.prepare(ev.inputs), ev.targets
     metric = loss_landscapes.metrics.Loss(nn.CrossEntropyLoss(), x, y)
     m = copy.deepcopy(model).eval()
     with torch.no_grad():

@@ -801,6 +801,7 @@ def probe_checks(rec: Record, names: list[str], batch: int) -> None:
     import torch
 
     from fastland import models, probes
+    from fastland.engine import precision_context
 
     dev = rec.device
     gen = torch.Generator().manual_seed(int(time.time()))
@@ -811,7 +812,7 @@ def probe_checks(rec: Record, names: list[str], batch: int) -> None:
             x = torch.randn(batch, 3, 32, 32, generator=gen).to(dev)
             y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
             prober = probes.SmoothnessProbe(model, probes.default_etas(0.01), "batched")
-            with probes.full_fp32(dev):
+            with precision_context("fp32", dev):
                 _, _, _, weights = prober.line(model, x, y)
                 lb, gb = prober.gradients_batched(weights, x, y)
                 ls, gs = prober.gradients_sequential(weights, x, y)

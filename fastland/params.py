@@ -42,10 +42,13 @@ class FlatSpace:
     order, and the segment tables used by filter and layer normalization.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, buffers: bool = False) -> None:
         infos = []
         offset = 0
-        for name, p in model.named_parameters():
+        tensors = list(model.named_parameters())
+        if buffers:  # floating buffers too (BN running statistics): for interpolating them between two models
+            tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        for name, p in tensors:
             infos.append(ParamInfo(name, tuple(p.shape), offset, p.numel()))
             offset += p.numel()
         if not infos:
@@ -53,6 +56,7 @@ class FlatSpace:
         self.infos: tuple[ParamInfo, ...] = tuple(infos)
         self.numel: int = offset
         self.names: tuple[str, ...] = tuple(i.name for i in infos)
+        self.with_buffers = buffers
         self._filter_segments = self._segments(per_filter=True)
         self._layer_segments = self._segments(per_filter=False)
 
@@ -82,9 +86,15 @@ class FlatSpace:
         raise ValueError(f"unknown normalization {norm!r}; use filter, layer or none")
 
     # --- model <-> flat -------------------------------------------------------------
+    def _tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = dict(model.named_parameters())
+        if self.with_buffers:
+            out |= {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+        return out
+
     def flatten(self, model: nn.Module) -> torch.Tensor:
         """θ of ``model`` as a new contiguous fp32 vector on the model's device."""
-        params = dict(model.named_parameters())
+        params = self._tensors(model)
         self._check_names(params)
         return torch.cat([params[i.name].detach().reshape(-1).float() for i in self.infos])
 
@@ -98,7 +108,7 @@ class FlatSpace:
     def load_into(self, model: nn.Module, flat: torch.Tensor) -> None:
         """Copy a flat vector into the model's parameters (in place, no autograd)."""
         self._check_flat(flat, batched=False)
-        params = dict(model.named_parameters())
+        params = self._tensors(model)
         self._check_names(params)
         with torch.no_grad():
             for info in self.infos:

@@ -10,8 +10,10 @@ length η in H, θ' = θ_t − η·g. A probe records
 
 The K perturbed weight sets come from ``directions.perturb`` (the line case
 ``dirs = g[None]``, ``coords = −η[:, None]``) and their K gradients are computed either in
-one ``vmap(grad(...))`` call (*batched*) or one after another (*sequential*). ``auto``
-times both once, on the first probed minibatch, and keeps the faster one.
+one ``vmap(grad(...))`` call (*batched*) or one after another (*sequential*). ``auto`` is
+sequential on the CPU (measured faster there for every built-in model: vmap turns convolutions
+into slow grouped ones) and batched on CUDA; a fixed rule, so the same command gives the same
+numbers (the two paths agree only to rounding).
 
 A probe is an evaluation, never a training step: it runs on a parameter-free copy of the
 model whose BatchNorm layers keep no running statistics
@@ -27,12 +29,11 @@ except where such a near-tie flips, which is a property of the loss, not of eith
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, vmap
 
 from fastland import directions
+from fastland.engine.precision import precision_context
 from fastland.errors import UserError
+from fastland.losses import Task
 from fastland.params import FlatSpace
 
 MODES = ("auto", "batched", "sequential")
@@ -146,21 +149,6 @@ def _nanpropagating(fn: Callable[[list[float]], float], values: list[float]) -> 
     return math.nan if any(math.isnan(v) for v in values) else fn(values)
 
 
-@contextlib.contextmanager
-def full_fp32(device: torch.device) -> Iterator[None]:
-    """Disable TF32 for convolutions and matmuls on CUDA for the duration (no-op on CPU)."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def stateless_copy(model: nn.Module) -> nn.Module:
     """A train-mode copy whose BatchNorm layers normalize with batch statistics and keep none.
 
@@ -178,7 +166,8 @@ def stateless_copy(model: nn.Module) -> nn.Module:
 class SmoothnessProbe:
     """Measures the three Santurkar probes of ``model`` on a minibatch; see the module doc."""
 
-    def __init__(self, model: nn.Module, etas: tuple[float, ...] | list[float], mode: str = "auto") -> None:
+    def __init__(self, model: nn.Module, etas: tuple[float, ...] | list[float], mode: str = "auto",
+                 task: Task | None = None) -> None:
         if mode not in MODES:
             raise UserError(f"unknown --probe-mode {mode!r}; use {', '.join(MODES)}")
         if not etas:
@@ -188,12 +177,14 @@ class SmoothnessProbe:
         self.etas = [float(e) for e in etas]
         self.mode = mode
         self.chosen: str | None = None if mode == "auto" else mode
-        self.timings: dict[str, float] = {}  # seconds for the K perturbed gradients, per path (auto)
+        self.timings: dict[str, float] = {}  # seconds for the K perturbed gradients, per path (timed by ``compare``)
+        self.task = task
         self._grad = grad_and_value(self._loss)
         self._batched_grad = vmap(self._grad, in_dims=(0, None, None))
 
     def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(functional_call(self.skeleton, params, (x,)), y)
+        out = functional_call(self.skeleton, params, (x,))
+        return self.task.batch_loss(out, y) if self.task is not None else nn.functional.cross_entropy(out, y)
 
     # --- the two paths: losses [K] and flat gradients [K, N] at K weight sets W [K, N] ------
     def gradients_batched(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +217,10 @@ class SmoothnessProbe:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
         """Probe ``model`` at its current θ on the minibatch ``(x, y)``; the model is only read."""
-        with full_fp32(x.device):
+        with precision_context("fp32", x.device):
             _, g, loss0, weights = self.line(model, x, y)
             if self.chosen is None:
-                self.chosen = self._choose(weights, x, y)
+                self.chosen = "batched" if x.device.type == "cuda" else "sequential"
             try:
                 losses, grads = self._path(self.chosen)(weights, x, y)
             except torch.cuda.OutOfMemoryError:
@@ -248,8 +239,8 @@ class SmoothnessProbe:
         return ProbeResult(loss=host[0], grad_norm=host[1], etas=list(self.etas), losses=host[2:2 + k],
                            gradpred=host[2 + k:2 + 2 * k], beta=host[2 + 2 * k:])
 
-    def _choose(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> str:
-        """Time both paths on this minibatch (after a warm-up) and keep the faster; ties go to batched."""
+    def compare(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> str:
+        """Time both paths on this minibatch (after a warm-up); returns the faster (for benchmarks)."""
         for mode in ("sequential", "batched"):
             fn = self._path(mode)
             try:

@@ -20,12 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastland import api, models, probes, surface, surfacefile
 from fastland import data as data_mod
 from fastland import device as device_mod
-from fastland import models, probes, surface, surfacefile
 from fastland.errors import ArgumentParser, UserError, cli_entry
-from fastland.params import FlatSpace
-from fastland.reference import ReferenceEvaluator
 from fastland.train import PRESETS as TRAIN_PRESETS
 from fastland.train import TrainConfig, train
 
@@ -42,13 +40,9 @@ RADII = (0.25, 0.5, 1.0)
 
 # --- numbers ---------------------------------------------------------------------------
 def evaluate_model(model: torch.nn.Module, evalset: data_mod.EvalSet) -> tuple[float, float]:
-    """Mean loss and accuracy of a model in eval mode: the reference evaluator at the origin."""
-    space = FlatSpace(model)
-    theta = space.flatten(model)
-    ev = ReferenceEvaluator(model, space, theta, torch.zeros(1, space.numel, device=theta.device), evalset,
-                            batch_size=500)
-    loss, acc = ev.evaluate(torch.zeros(1, 1))
-    return float(loss[0]), float(acc[0])
+    """Mean loss and accuracy of a model in eval mode (``fastland.api.evaluate``)."""
+    r = api.evaluate(model, evalset, device=evalset.device)
+    return r["loss"], r.get("accuracy", float("nan"))
 
 
 def probe_stats(metrics_csv: Path) -> dict[str, float]:
@@ -126,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="surface evaluation samples: a number or 'all' (default: the surface command's default)")
     p.add_argument("--eval-samples", default=None, help="samples for the final train/test loss and accuracy")
     p.add_argument("--bn-mode", default="eval", choices=("eval", "batch"), help="BN mode of the surfaces")
-    p.add_argument("--data", default="auto", choices=data_mod.SOURCES, help="cifar10, synthetic or auto")
+    p.add_argument("--data", default="auto",
+                   help="cifar10, synthetic, auto (CIFAR-10 if present, else synthetic) or imagefolder:PATH (an "
+                        "ImageFolder tree with train/ and test/, or a .tar.gz of one)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the surface directions")
     p.add_argument("--out", default=None, help="study folder (default study/PRESET-SOURCE)")

@@ -17,11 +17,13 @@ both side by side and overlays their probes in one figure.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fastland import api, files, losses, models, probes
 from fastland import data as data_mod
 from fastland import device as device_mod
-from fastland import models, probes
+from fastland._callable import make_callable
 from fastland.errors import ArgumentParser, UserError, cli_entry
+from fastland.losses import LossFn, Task
 from fastland.probes import ProbeConfig
 
 
@@ -44,9 +48,10 @@ class TrainConfig:
     training) are saved next to the metrics they produce, in ``metrics.json``.
     """
 
-    model: str = "lenet_bn"
-    data: str = "auto"
+    model: str = "lenet_bn"  # a built-in name or package.module:factory
+    data: str = "auto"  # auto, cifar10, synthetic or imagefolder:PATH (a Python API run: what the caller passed)
     samples: str = "all"
+    loss: str = "auto"  # auto (cross-entropy for integer targets, MSE for float ones), a name, or custom:NAME
     epochs: int = 20
     lr: float = 0.01
     batch: int = 128
@@ -55,6 +60,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
+    save_every: int = 0  # also save step_XXXXXXX.pt every this many steps (0: per epoch only), for trajectories
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -68,7 +75,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def default_run_dir(model: str, source: str) -> Path:
     """Where the cached checkpoint for ``model`` on ``source`` data lives."""
-    return Path("runs") / f"{model}-{source}"
+    return Path("runs") / f"{slug(model)}-{slug(source)}"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model spec or data source (``mypkg.nets:make`` -> ``mypkg.nets-make``)."""
+    base = text.rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip("-") or "run"
 
 
 def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -94,7 +107,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--momentum must be a number >= 0, got {cfg.momentum}")
     if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
         raise UserError(f"--weight-decay must be a number >= 0, got {cfg.weight_decay}")
-    models.create(cfg.model)  # validates the name
+    if cfg.save_every < 0:
+        raise UserError(f"--save-every must be 0 (per epoch only) or a number of steps, got {cfg.save_every}")
     data_mod.parse_samples(cfg.samples)
 
 
@@ -105,12 +119,6 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 
 # --- metrics.csv ------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def truncate_metrics(path: Path, before_step: int) -> tuple[list[str] | None, int]:
     """Keep only the rows of ``metrics.csv`` with ``step < before_step``: the rows that the
     checkpoint being resumed from has seen. A torn last line (a crash mid-write) goes too.
@@ -134,7 +142,7 @@ def truncate_metrics(path: Path, before_step: int) -> tuple[list[str] | None, in
             break
         kept.append(line)
     if len(kept) != len(lines):
-        _write_atomic(path, "".join(kept))
+        files.write_text_atomic(path, "".join(kept))
     return header, len(kept) - 1
 
 
@@ -163,7 +171,7 @@ class MetricsLog:
             self._file.flush()
 
     def write_meta(self) -> None:
-        _write_atomic(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
+        files.write_text_atomic(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
 
     def write(self, row: list[float | int]) -> None:
         self._writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
@@ -174,91 +182,158 @@ class MetricsLog:
         self._file.close()
 
 
-def _setup_probe(probe: ProbeConfig, cfg: TrainConfig, model: nn.Module, out: Path, start_step: int,
+def _setup_probe(probe: ProbeConfig, cfg: TrainConfig, model: nn.Module, task: Task, out: Path, start_step: int,
                  dev: torch.device) -> tuple[probes.SmoothnessProbe, MetricsLog]:
     etas = probe.resolve(cfg.lr)
     settings = {"every": probe.every, "etas": list(etas), "mode": probe.mode}
     log = MetricsLog(out, settings, probes.metric_columns(len(etas)), start_step)
-    prober = probes.SmoothnessProbe(model, etas, probe.mode)
-    # auto: a resumed run keeps the path it chose at its start, so its rows stay bit-identical
-    if probe.mode == "auto" and log.meta.get("chosen") and log.meta.get("device") == device_mod.describe(dev):
+    prober = probes.SmoothnessProbe(model, etas, probe.mode, task)
+    # a resumed run keeps the path it chose at its start, so its rows stay bit-identical
+    if log.meta.get("chosen") and log.meta.get("device") == device_mod.describe(dev):
         prober.chosen = log.meta["chosen"]
     return prober, log
 
 
+class Progress:
+    """A progress bar with ETA on a terminal; otherwise a line every ``LINE_SECONDS``, so a log shows the run moving."""
+
+    LINE_SECONDS = 30.0
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.enabled, self.total, self.desc = enabled, total, desc
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if self.tty else None
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.done % 20 == 1:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.LINE_SECONDS:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"{self.desc}: step {self.done}/{self.total}, loss {loss:.4f}, {rate:.2f} steps/s, "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # --- training ---------------------------------------------------------------------------
 def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progress: bool = True,
-          trainset: data_mod.EvalSet | None = None) -> Path:
+          trainset: data_mod.EvalSet | None = None, model: nn.Module | None = None,
+          loss_fn: LossFn | str | None = None) -> Path:
     """Train (or resume) a run in ``out``; returns the path of ``final.pt``.
 
-    Writes ``epoch_XXX.pt`` after each epoch and ``final.pt`` at the end. An existing run
-    directory with the same config resumes after its last complete epoch; ``metrics.csv``
-    is cut back to that epoch's last step, so the rows that follow are the ones an
-    uninterrupted run writes. With ``probe``, the smoothness probes run every
-    ``probe.every`` steps between ``backward()`` and ``optimizer.step()``.
-    A non-finite loss stops the run with a ``UserError``; what was recorded is kept.
+    Writes ``epoch_000.pt`` (the initial weights), ``epoch_XXX.pt`` after each epoch, with
+    ``cfg.save_every`` also ``step_XXXXXXX.pt``, and ``final.pt`` at the end. An existing run
+    directory with the same config resumes after its last complete epoch; ``metrics.csv`` is
+    cut back to that epoch's last step, so the rows that follow are the ones an uninterrupted
+    run writes. With ``probe``, the smoothness probes run every ``probe.every`` steps between
+    ``backward()`` and ``optimizer.step()``. ``model`` (initial weights) and ``loss_fn`` override
+    ``cfg.model`` and ``cfg.loss`` for the Python API. A non-finite loss stops the run with a
+    ``UserError``; what was recorded is kept. One process trains in a folder at a time.
     """
     check_config(cfg)
     if probe is not None:
         probe.check()
     dev = device_mod.resolve(cfg.device)
-    out = Path(out)
+    out = files.check_output_dir(out, option="--out")
+    with files.WriteLock(out, "run folder"):
+        return _train_locked(cfg, out, probe, progress, trainset, model, loss_fn, dev)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progress: bool,
+                  trainset: data_mod.EvalSet | None, given: nn.Module | None, loss_fn: LossFn | str | None,
+                  dev: torch.device) -> Path:
     final = out / "final.pt"
     if trainset is None:
         trainset = data_mod.load(cfg.data, "train", cfg.samples, seed=cfg.seed, device=dev)
-    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(trainset, data_mod.EvalSet):
+        raise UserError("training needs data that fit in memory (an EvalSet); this DataLoader was too large to cache")
+    trainset = trainset.to(dev)
+    torch.manual_seed(cfg.seed)
+    model = copy.deepcopy(given).to(dev) if given is not None else models.create(cfg.model, **cfg.model_args).to(dev)
+    model.train()
+    x0, y0 = trainset.take(torch.arange(min(2, len(trainset)), device=dev))
+    with torch.no_grad():
+        task = losses.resolve(loss_fn if loss_fn is not None else (None if cfg.loss == "auto" else cfg.loss),
+                              model.eval()(x0), y0)
+    model.train()
+    if task.name == "cross_entropy":
+        losses.check_classes(int(model.eval()(x0).shape[1]), trainset.targets)
+        model.train()
     cfg_path = out / "config.json"
-    cfg_dict = asdict(cfg) | {"data_source": trainset.source}
+    cfg_dict = asdict(cfg) | {"data_source": trainset.source, "loss": task.name,
+                              "init_sha256": _init_sha(model)}
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if {k: v for k, v in old.items() if k != "device"} != {k: v for k, v in cfg_dict.items() if k != "device"}:
-            raise UserError(f"{out} holds a run with another configuration; pick another --out or delete it")
-    cfg_path.write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{cfg_path} is empty or corrupt; delete it (or the whole folder) to start the run again, "
+                            "or choose another --out") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{cfg_path} is not a fastland run config; choose another --out")
+        diff = [k for k in sorted(set(old) | set(cfg_dict)) if k != "device" and old.get(k) != cfg_dict.get(k)]
+        if diff:
+            raise UserError(f"{out} holds a run with another configuration ({diff[0]}: {old.get(diff[0])!r} there, "
+                            f"{cfg_dict.get(diff[0])!r} now); pick another --out or delete it")
+    files.write_text_atomic(cfg_path, json.dumps(cfg_dict, indent=2) + "\n")
     if final.exists():
         if probe is not None and progress and not (out / "metrics.csv").exists():
             print(f"note: {out} was trained without probes and is finished; use another --out to probe a new run")
         return final
 
-    torch.manual_seed(cfg.seed)
-    model = models.create(cfg.model).to(dev)
     opt = make_optimizer(cfg, list(model.parameters()))
-    start_epoch = 0
+    name = cfg.model if given is None else None  # a module given in Python names no buildable model
+    meta_base = {"data": trainset.attrs(), "optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
+                 "seed": cfg.seed, "loss": task.name}
+    start_epoch, step, meta = 0, 0, dict(meta_base, epoch=0, step=0)
     done = sorted(out.glob("epoch_*.pt"))
     if done:
         ckpt = models.read_checkpoint(done[-1])
-        model.load_state_dict(ckpt["state_dict"])
+        if "optimizer" not in ckpt:
+            raise UserError(f"{done[-1]} has no optimizer state, so the run cannot resume from it; delete it (and "
+                            "later epochs) to resume from the one before, or choose another --out")
+        models.load_state(model, ckpt["state_dict"], str(done[-1]))
         opt.load_state_dict(ckpt["optimizer"])
-        start_epoch = int(ckpt["meta"]["epoch"])
-        meta = dict(ckpt["meta"])  # final.pt's meta if every epoch was already done
-        if progress:
+        meta = dict(ckpt["meta"])
+        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        if progress and start_epoch:
             print(f"resuming {out} after epoch {start_epoch}")
+    else:
+        models.save_checkpoint(out / "epoch_000.pt", name, model, meta, extra={"optimizer": opt.state_dict()},
+                               model_args=cfg.model_args)
     n = len(trainset)
     steps = math.ceil(n / cfg.batch)
-    step = int(meta["step"]) if done else 0  # steps taken so far (a skipped batch of one is no step)
     prober, log, every = None, None, 0
     if probe is not None:
         every = probe.every
-        prober, log = _setup_probe(probe, cfg, model, out, step, dev)
+        prober, log = _setup_probe(probe, cfg, model, task, out, step, dev)
     else:
         truncate_metrics(out / "metrics.csv", step)
-    meta_base = {"data": trainset.attrs(), "optimizer": cfg.optimizer, "lr": cfg.lr, "batch": cfg.batch,
-                 "seed": cfg.seed}
+    has_bn = models.has_batchnorm(model)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             order = epoch_order(n, cfg.seed, epoch, dev)
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True,
-                       leave=False)  # None: no bar when stderr is not a terminal
+            bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress)
             loss_sum, correct, t0, probe_s = 0.0, 0, time.perf_counter(), 0.0
-            for b in bar:
+            for b in range(steps):
                 idx = order[b * cfg.batch : (b + 1) * cfg.batch]
-                if idx.numel() < 2 and models.has_batchnorm(model):
+                if idx.numel() < 2 and has_bn:
                     continue  # a batch of one cannot be batch-normalized
-                x = trainset.normalize(trainset.images[idx])
-                y = trainset.labels[idx]
+                x, y = trainset.take(idx)
                 opt.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
+                outputs = model(x)
+                loss = task.batch_loss(outputs, y)
                 loss.backward()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
@@ -266,7 +341,7 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
                     kept += [f"{log.rows} probe rows in metrics.csv"] if log is not None else []
                     raise UserError(f"training diverged at epoch {epoch + 1}, step {step}: loss is {loss_value}; "
                                     f"{' and '.join(kept) or 'the config'} kept in {out}; try a smaller --lr")
-                hits = int((logits.detach().argmax(1) == y).sum())
+                hits = int((outputs.detach().argmax(-1) == y).sum()) if task.accuracy else 0
                 if prober is not None and log is not None and step % every == 0:
                     tp = time.perf_counter()
                     result = prober(model, x, y)
@@ -280,22 +355,32 @@ def train(cfg: TrainConfig, out: Path, probe: ProbeConfig | None = None, progres
                 step += 1
                 loss_sum += loss_value * len(idx)
                 correct += hits
-                if b % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                bar.update(loss_value)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    models.save_checkpoint(out / f"step_{step:07d}.pt", name, model,
+                                           meta_base | {"epoch": epoch + (b + 1) / steps, "step": step},
+                                           model_args=cfg.model_args)
+            bar.close()
             meta = meta_base | {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / n,
-                                "train_acc": 100.0 * correct / n, "epoch_seconds": time.perf_counter() - t0,
-                                "probe_seconds": probe_s}
-            models.save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", cfg.model, model, meta,
-                                   extra={"optimizer": opt.state_dict()})
+                                "train_acc": 100.0 * correct / n if task.accuracy else float("nan"),
+                                "epoch_seconds": time.perf_counter() - t0, "probe_seconds": probe_s}
+            models.save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", name, model, meta,
+                                   extra={"optimizer": opt.state_dict()}, model_args=cfg.model_args)
             if progress:
                 probed = f" (probes {probe_s:.1f}s, {prober.chosen})" if prober is not None else ""
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {meta['train_loss']:.4f}, acc {meta['train_acc']:.1f}%, "
-                      f"{meta['epoch_seconds']:.1f}s{probed}")
+                acc = f", acc {meta['train_acc']:.1f}%" if task.accuracy else ""
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {meta['train_loss']:.4f}{acc}, "
+                      f"{meta['epoch_seconds']:.1f}s{probed}", flush=True)
     finally:
         if log is not None:
             log.close()
-    models.save_checkpoint(final, cfg.model, model, meta)
+    models.save_checkpoint(final, name, model, meta, model_args=cfg.model_args)
     return final
+
+
+def _init_sha(model: nn.Module) -> str:
+    """sha256 of the initial weights: a resumed run must start from the same ones."""
+    return api.state_sha256(model)
 
 
 # --- command line -----------------------------------------------------------------------
@@ -306,12 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to train")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--model", default=None,
-                       help=f"architecture: {', '.join(models.MODELS)} (default {d.model})")
+                       help=f"a built-in model ({', '.join(models.MODELS)}; default {d.model}) or a model of yours as "
+                            "package.module:factory (a class or function returning an nn.Module, on PYTHONPATH)")
     which.add_argument("--compare", nargs="+", metavar="MODEL", default=None,
                        help="train several models with the same settings, e.g. '--compare lenet lenet_bn', into "
                             "OUT/MODEL side by side, and overlay their probes in OUT/smoothness.png")
-    g.add_argument("--data", default=d.data, choices=data_mod.SOURCES,
-                   help="cifar10, synthetic, or auto (CIFAR-10 if present or downloadable, else synthetic; default auto)")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for the model factory (repeat it); values are Python literals or strings")
+    g.add_argument("--data", default=d.data,
+                   help="cifar10, synthetic, auto (CIFAR-10 if present or downloadable, else synthetic; default), or "
+                        "imagefolder:PATH (a torchvision ImageFolder tree with train/ and test/, or a .tar.gz of one)")
+    g.add_argument("--loss", default="auto", choices=("auto", *losses.NAMED),
+                   help="the training loss: auto (cross-entropy for integer targets, MSE for float ones; default)")
     g.add_argument("--samples", default=d.samples,
                    help="training samples: a number (a seeded subset) or 'all' (default all)")
     g.add_argument("--seed", type=int, default=d.seed,
@@ -320,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="run directory (default runs/MODEL-SOURCE); with --compare the parent folder "
                         "(default runs/compare-MODEL1-MODEL2-SOURCE)")
+    g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                   help="also save the weights every STEPS steps (step_XXXXXXX.pt), for finer trajectories "
+                        "(python -m fastland.trajectory); default 0: after each epoch only")
 
     h = p.add_argument_group("hyper-parameters (defaults come from --preset; any option given overrides it)")
     h.add_argument("--preset", default="seed", choices=tuple(PRESETS),
@@ -342,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many step lengths the default grid has (default 8)")
     q.add_argument("--probe-mode", default="auto", choices=probes.MODES,
                    help="batched: all perturbed gradients in one vmap(grad) call; sequential: one after another; "
-                        "auto (default): time both on the first probed minibatch and keep the faster")
+                        "auto (default): sequential on the CPU, batched on CUDA (the faster on each, measured)")
     q.add_argument("--no-probe", action="store_true", help="train without probes (no metrics.csv)")
     return p
 
@@ -352,7 +446,9 @@ def config_from_args(args: argparse.Namespace, model: str) -> TrainConfig:
     preset = PRESETS[args.preset]
     values = {k: getattr(args, k) if getattr(args, k) is not None else preset[k]
               for k in ("optimizer", "lr", "batch", "epochs", "momentum", "weight_decay")}
-    return TrainConfig(model=model, data=args.data, samples=args.samples, seed=args.seed, device=args.device, **values)
+    return TrainConfig(model=model, data=args.data, samples=args.samples, seed=args.seed, device=args.device,
+                       loss=args.loss, save_every=args.save_every, model_args=models.parse_model_args(args.model_arg),
+                       **values)
 
 
 def probe_from_args(args: argparse.Namespace) -> ProbeConfig | None:
@@ -388,12 +484,16 @@ def main(argv: list[str] | None = None) -> None:
     names = args.compare or [args.model or TrainConfig().model]
     if args.compare is not None and len(set(names)) < 2:
         raise UserError("--compare needs at least two different models, e.g. --compare lenet lenet_bn")
+    data_mod.check_spec(args.data)
     cfgs = [config_from_args(args, name) for name in names]
     for cfg in cfgs:
         check_config(cfg)
+        models.create(cfg.model, **cfg.model_args)  # a bad model spec fails now, not after loading the data
     probe = probe_from_args(args)
     dev = device_mod.resolve(cfgs[0].device)
     trainset = data_mod.load(cfgs[0].data, "train", cfgs[0].samples, seed=cfgs[0].seed, device=dev)
+    if args.out:
+        files.check_output_dir(args.out)
     t0 = time.perf_counter()
     if args.compare is None:
         out = Path(args.out) if args.out else default_run_dir(cfgs[0].model, trainset.source)
@@ -402,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         from fastland import trainplots
 
         parent = Path(args.out) if args.out else Path("runs") / f"compare-{'-'.join(names)}-{trainset.source}"
-        runs = {cfg.model: parent / cfg.model for cfg in cfgs}
+        runs = {cfg.model: parent / slug(cfg.model) for cfg in cfgs}
         try:
             for cfg in cfgs:
                 _run(cfg, runs[cfg.model], probe, trainset)
@@ -415,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"comparison plot -> {parent / 'smoothness.png'}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
+
+make_callable(__name__, api.train)
 
 if __name__ == "__main__":
     main()

@@ -17,11 +17,11 @@ from fastland.errors import UserError
 def test_synthetic_is_deterministic_and_cifar_shaped() -> None:
     a = data.load("synthetic", "test", 300, seed=1)
     b = data.load("synthetic", "test", 300, seed=1)
-    assert a.images.dtype == torch.uint8 and a.images.shape == (300, 3, 32, 32)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert set(a.labels.tolist()) == set(range(10))
+    assert a.inputs.dtype == torch.uint8 and a.inputs.shape == (300, 3, 32, 32)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert set(a.targets.tolist()) == set(range(10))
     c = data.load("synthetic", "test", 300, seed=2)
-    assert not torch.equal(a.labels, c.labels)  # another seed, another subset
+    assert not torch.equal(a.targets, c.targets)  # another seed, another subset
     assert a.source == "synthetic" and a.warning is None
 
 
@@ -29,7 +29,7 @@ def test_subset_is_a_subset_of_the_split() -> None:
     full = data.load("synthetic", "test", "all")
     sub = data.load("synthetic", "test", 50, seed=3)
     idx = torch.randperm(10_000, generator=torch.Generator().manual_seed(3))[:50]
-    assert torch.equal(sub.images, full.images[idx]) and torch.equal(sub.labels, full.labels[idx])
+    assert torch.equal(sub.inputs, full.inputs[idx]) and torch.equal(sub.targets, full.targets[idx])
 
 
 def test_normalization_is_per_channel() -> None:

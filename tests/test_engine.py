@@ -13,14 +13,26 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fastland import data, directions, models, surface
-from fastland.engine import BatchedEvaluator, precision_context, resolve_precision, run_with_backoff
-from fastland.engine_model import Pool2x2, macs_per_image, plan
+from fastland import data, directions, losses, models, surface
+from fastland.engine import BatchedEvaluator as _Batched
+from fastland.engine import precision_context, resolve_precision, run_with_backoff
+from fastland.engine.cost import macs_per_sample
+from fastland.engine.fastpaths import Pool2x2, plan
 from fastland.errors import UserError
 from fastland.params import FlatSpace
-from fastland.reference import ReferenceEvaluator
+from fastland.reference import ReferenceEvaluator as _Reference
 
 RTOL = 1e-5
+CE = losses.Task("cross_entropy", lambda o, t: F.cross_entropy(o, t), True, losses._per_sample_ce)
+
+
+def ReferenceEvaluator(model, space, theta, dirs, ev, bn_mode="eval", batch_size=128):  # noqa: N802
+    """The reference with cross-entropy, as the built-in models are scored."""
+    return _Reference(model, space, theta, dirs, ev, CE, bn_mode, batch_size)
+
+
+def BatchedEvaluator(model, space, theta, dirs, ev, **kw):  # noqa: N802
+    return _Batched(model, space, theta, dirs, ev, CE, **kw)
 
 
 def setup(name: str, samples: int, seed: int = 0, dim: int = 2):
@@ -234,23 +246,26 @@ def test_pool2x2_is_max_pool2d(shape: tuple[int, ...]) -> None:
 
 
 def test_plan_shortcuts_for_lenet_bn() -> None:
-    model, space, theta, dirs, _ = setup("lenet_bn", 8)
-    p = plan(model, space, theta, dirs, "eval")
+    model, space, theta, dirs, ev = setup("lenet_bn", 8)
+    sample = ev.sample(2)[0]
+    p = plan(model, space, theta, dirs, "eval", sample)
     assert p.stem is not None and p.stem.bn == "1" and p.stem.k == 3
     assert [f.layer for f in p.folds] == ["4", "9", "12"]
     assert isinstance(p.stem.pool, Pool2x2)  # ReLU and pool swapped, the stem owns the pool
-    kinds = [type(m).__name__ for m in p.body]
-    assert kinds[:4] == ["ReLU", "Conv2d", "Identity", "Pool2x2"]  # BN folded into the conv
-    assert "BatchNorm2d" not in kinds and "BatchNorm1d" not in kinds
-    pb = plan(model, space, theta, dirs, "batch", factorize=False)
+    kinds = [type(m).__name__ for m in p.body.modules()]
+    assert "BatchNorm2d" not in kinds and "BatchNorm1d" not in kinds  # folded into the layers before them
+    assert kinds.count("Pool2x2") == 1
+    assert any("ReLU in place" in a for a in p.applied)
+    pb = plan(model, space, theta, dirs, "batch", sample, factorize=False)
     assert pb.stem is None and not pb.folds
 
 
 def test_cost_model_matches_design() -> None:
-    assert sum(macs_per_image(models.create("lenet")).values()) == pytest.approx(651.7e3, rel=1e-3)
+    x = data.load("synthetic", "test", 2).sample(2)[0]
+    assert sum(macs_per_sample(models.create("lenet"), x).values()) == pytest.approx(651.7e3, rel=1e-3)
     model, space, theta, dirs, ev = setup("lenet", 16)
     engine = BatchedEvaluator(model, space, theta, dirs, ev, strategy="loop", verbose=False)
-    assert engine.macs_per_image_factorized == pytest.approx(308e3, rel=2e-3)
+    assert engine.macs_per_sample_factorized == pytest.approx(308e3, rel=2e-3)
 
 
 def test_run_with_backoff_halves_block_then_batch() -> None:
@@ -271,12 +286,14 @@ def test_run_with_backoff_halves_block_then_batch() -> None:
         run_with_backoff(lambda b, s: (_ for _ in ()).throw(ValueError("not memory")), 4, 4, False)
 
 
-def test_auto_picks_a_measured_strategy_and_the_cli_uses_the_engine(capsys: pytest.CaptureFixture) -> None:
+def test_auto_is_deterministic_and_tune_measures(capsys: pytest.CaptureFixture) -> None:
     model, space, theta, dirs, ev = setup("lenet", 16)
     engine = BatchedEvaluator(model, space, theta, dirs, ev)
-    assert set(engine.timings) == {"loop", "vmap", "im2col"}
-    assert engine.strategy == min(engine.timings, key=engine.timings.get)
+    assert engine.strategy == "loop" and engine.timings == {}  # auto on the CPU: the fixed rule, no timing
     assert engine.chunk_size >= 1 and engine.name == "batched" and engine.precision == "fp32"
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("engine: ") and "points per block" in line[0]
+    tuned = BatchedEvaluator(model, space, theta, dirs, ev, strategy="tune", verbose=False)
+    assert set(tuned.timings) == {"loop", "vmap", "im2col"}
+    assert tuned.strategy == min(tuned.timings, key=tuned.timings.get)
     assert surface.build_parser().parse_args([]).engine == "batched"  # the CLI uses it by default

@@ -14,7 +14,8 @@ def _bowl(n: int = 81) -> Surface:
     x = np.linspace(-1, 1, n)
     xx, yy = np.meshgrid(x, x)
     loss = 0.3 + (xx - 0.2) ** 2 + (yy + 0.1) ** 2
-    return Surface(Path("bowl.h5"), x, x, loss, np.zeros_like(loss), np.ones_like(loss, dtype=np.uint8), {})
+    return Surface(x, x, loss, {"accuracy": np.zeros_like(loss)}, np.ones_like(loss, dtype=np.uint8), {},
+                   path=Path("bowl.h5"))
 
 
 def test_flatness_of_an_analytic_bowl() -> None:

@@ -13,10 +13,9 @@ import pytest
 import torch
 from conftest import run_main
 
-from fastland import directions, models, surface, surfacefile
+import fastland
+from fastland import models, surface, surfacefile
 from fastland.data import load
-from fastland.params import FlatSpace
-from fastland.reference import ReferenceEvaluator
 from fastland.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +54,12 @@ def test_end_to_end_2d(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
                     "fastland_version", "data_warning"):
             assert key in f.attrs, key
         loss = f["train_loss"][:]
-        x, y = f["xcoordinates"][:], f["ycoordinates"][:]
+
     # Entry [j, i] is the loss at (x_i, y_j): recompute one off-diagonal point with the oracle.
     model, _, _ = models.load_checkpoint(ckpt)
-    space = FlatSpace(model)
-    theta = space.flatten(model)
-    dirs = directions.make(space, theta, 2, seed=0)
     ev = load("synthetic", "train", 32, seed=0)
-    want, _ = ReferenceEvaluator(model, space, theta, dirs, ev).evaluate(torch.tensor([[x[4], y[1]]]))
-    assert loss[1, 4] == pytest.approx(want.item(), rel=1e-5)
+    want = fastland.surface(model, ev, res=(5, 4), range=(-1, 1, -0.5, 0.5), engine="reference", progress=False)
+    assert loss[1, 4] == pytest.approx(want.loss[1, 4], rel=1e-5)
     for suffix in ("_3d.png", "_3d_log.png", "_map.png", ".vts", ".html"):
         assert (tmp_path / f"s{suffix}").stat().st_size > (10_000 if suffix.endswith(".png") else 500), suffix
         assert f"wrote    {tmp_path / 's'}{suffix}" in stdout
@@ -158,17 +154,21 @@ def _bad_inputs(ckpt: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
     blocker.write_text("x")
     c = ["--checkpoint", str(ckpt), *BASE]
     cases = [
-        (["--model", "resnet"], "invalid choice"),
+        (["--model", "resnet"], "unknown --model"),
+        (["--model", "nosuchpkg.nets:make", *BASE], "cannot import nosuchpkg.nets"),
         (["--checkpoint", str(tmp_path / "nope.pt"), *BASE], "does not exist"),
         (["--checkpoint", str(junk), *BASE], "cannot be read"),
-        (["--checkpoint", str(lenet), *BASE], "holds a lenet model"),
+        (["--checkpoint", str(lenet), "--model", "lenet_bn", *BASE], "holds a lenet model"),
+        (["--data", "imagefolder:" + str(tmp_path)], "has no train/ folder"),
+        (["--data", "imagenet"], "unknown --data"),
         ([*c, "--res", "1"], "at least 2"),
         ([*c, "--range", "1", "-1"], "increasing"),
         ([*c, "--range", "0", "0"], "increasing"),
         ([*c, "--range", "-1", "1", "1", "1"], "increasing"),
         (["--checkpoint", str(ckpt), "--data", "synthetic", "--samples", "0"], "at least 1"),
         (["--checkpoint", str(ckpt), "--data", "synthetic", "--samples", "50001"], "more than the train split"),
-        ([*c, "--out", str(blocker / "x.h5")], "cannot"),
+        ([*c, "--out", str(blocker / "x.h5")], "is a file, not a folder"),
+        ([*c, "--out", str(tmp_path)], "is a folder"),
         (["--checkpoint", str(ckpt), "--data", "cifar10"], "cifar-10-python.tar.gz"),
     ]
     if not torch.cuda.is_available():
@@ -203,3 +203,71 @@ def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
     assert "--bn-mode" in out and "--samples" in out
+
+
+def test_checkpoints_name_their_model_and_state_dicts_take_model(ckpt: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lenet checkpoint needs no --model; a user's factory with a plain state_dict; keys that do not fit."""
+    lenet = models.save_checkpoint(tmp_path / "lenet.pt", "lenet", models.randomized("lenet", 1))
+    code, out, err = _run(["--checkpoint", str(lenet), *BASE, "--res", "3", "--out", str(tmp_path / "a.h5"),
+                           "--no-render"], capsys)
+    assert code == 0, err
+    assert surfacefile.read(tmp_path / "a.h5").attrs["model"] == "lenet"
+    (tmp_path / "usernets.py").write_text(
+        "import torch.nn as nn\n"
+        "def small(width=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, width), nn.ReLU(), nn.Linear(width, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = models.randomized(models.create("usernets:small", width=6), 2)
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    args = ["--checkpoint", str(tmp_path / "plain.pt"), "--model", "usernets:small", "--model-arg", "width=6", *BASE,
+            "--res", "3", "--out", str(tmp_path / "u.h5"), "--no-render"]
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+    s = surfacefile.read(tmp_path / "u.h5")
+    assert s.attrs["model"] == "usernets:small" and s.done.all() and np.isfinite(s.loss).all()
+    code, _, err = _run([*args[:4], "--model-arg", "width=5", *args[6:]], capsys)
+    assert code == 2 and "does not fit the model" in err and "shapes differ: 1.weight" in err
+    code, _, err = _run(["--checkpoint", str(tmp_path / "plain.pt"), *BASE, "--no-render"], capsys)
+    assert code == 2 and "plain state_dict" in err and "--model" in err
+
+
+def test_interpolation_target_is_part_of_the_settings(ckpt: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A file made for --to b is never resumed for --to c (issue 16: it reported b's losses as c's)."""
+    b = models.save_checkpoint(tmp_path / "b.pt", "lenet_bn", models.randomized("lenet_bn", 1))
+    c = models.save_checkpoint(tmp_path / "c.pt", "lenet_bn", models.randomized("lenet_bn", 2))
+    out = tmp_path / "i.h5"
+    base = ["--checkpoint", str(ckpt), *BASE, "--res", "5", "--range", "0", "1", "--out", str(out), "--no-render"]
+    assert _run([*base, "--to", str(b)], capsys)[0] == 0
+    code, _, err = _run([*base, "--to", str(c)], capsys)
+    assert code == 2 and "interpolation_target_sha256" in err
+    line = surfacefile.read(out)
+    assert line.attrs["bn_stats"] == "interpolate"
+    target, _, _ = models.load_checkpoint(b)
+    alone = fastland.surface(target, load("synthetic", "train", 32, seed=0), dim=1, res=3, range=(-0.1, 0.1),
+                             progress=False)
+    assert line.loss[-1] == pytest.approx(alone.loss[1], rel=1e-5)  # the line ends at the --to model
+
+
+def test_user_model_trains_when_no_checkpoint_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tinynet.py").write_text(
+        "import torch.nn as nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.f = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.f(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import fastland.train as train_mod
+
+    monkeypatch.setattr(train_mod.TrainConfig, "epochs", 1)
+    monkeypatch.setattr(train_mod.TrainConfig, "samples", "256")
+    code, out, err = _run(["--model", "tinynet:Tiny", *BASE, "--res", "3", "--no-render"], capsys)
+    assert code == 0, err
+    assert "training tinynet:Tiny" in out and (tmp_path / "runs" / "tinynet-Tiny-synthetic" / "final.pt").exists()
+    assert list((tmp_path / "surfaces").glob("tinynet-Tiny-synthetic-train32-2d-3x3.h5"))

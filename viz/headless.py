@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import os
 import sys
 import threading
@@ -63,8 +64,20 @@ def why_no_display() -> str:
     return f"no display (no X server answers at DISPLAY={display})"
 
 
+def load_triton_first() -> None:
+    """Import Triton (when installed) before the first render: Mesa's llvmpipe loads its own LLVM, and
+    Triton's LLVM loaded after it crashes the process (a segfault in ``import triton``, which torch's
+    optimizers trigger too), so a session that renders and then trains would die. The other order is safe."""
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # noqa: BLE001 - a broken Triton is the kernels' problem, not the renderer's
+            pass
+
+
 def ensure_offscreen() -> None:
     """Without a display, make VTK render offscreen through EGL, or say which packages are missing."""
+    load_triton_first()
     if has_display():
         return
     if ctypes.util.find_library("EGL") is None:

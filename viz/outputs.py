@@ -12,14 +12,12 @@ This module imports neither PyVista nor VTK (``fastland.trainplots`` uses it too
 
 from __future__ import annotations
 
-import errno
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-from fastland.errors import UserError, os_error
+from fastland.errors import UserError
+from fastland.files import check_writable, replacing, write_bytes  # noqa: F401 (the renderers' way in)
 
 # What PIL writes from a VTK screenshot (PyVista's list), and PIL's name for each.
 SCREENSHOT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -28,8 +26,6 @@ SCREENSHOT_TYPES = tuple(SCREENSHOT_FORMATS)
 # VTK's anti-aliasing pass (SSAA) draws at sqrt(5) times the picture's size: past 7327, the picture
 # comes back blank; far past it, VTK aborts allocating it.
 MAX_SIDE = 7000
-# The folder checks below say this for a path the kernel refuses without a clearer errno.
-_WHY = {errno.ENOENT: "this folder does not accept new files", errno.ENOTDIR: "a part of the path is a file, not a folder"}
 
 
 def check_size(size: tuple[int, int]) -> None:
@@ -78,60 +74,3 @@ def prefix_path(prefix: str | Path, option: str, default_name: str) -> str:
         out = out / default_name
     check_writable(out.with_name(out.name + "_3d.png"), option, shown=text)
     return str(out)
-
-
-def check_writable(path: Path, option: str, shown: str | None = None) -> None:
-    """Fail now, in one line, if ``path`` could not be written later (``shown``: how the user wrote it).
-
-    Creates the missing folders above it (the render would create them anyway) and a probe
-    file in its folder, so a read-only or special file system (``/proc``) is found out too.
-    """
-    shown = shown or str(path)
-    if path.is_dir():
-        raise UserError(f"{option} {shown} is a folder; give a file name")
-    if path.exists() and not path.is_file():
-        raise UserError(f"{option} {shown} exists and is not a regular file; choose another path")
-    folder = path.parent
-    above = folder
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise UserError(f"{option} {shown}: {above} is a file, not a folder; choose another path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastland-write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        why = _WHY.get(err.errno or -1, (err.strerror or str(err)).lower())
-        raise UserError(f"{option} {shown} cannot be written: {why}; choose another path") from None
-
-
-@contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` that replaces it when the block succeeds.
-
-    On any failure the temporary file is removed and ``path`` is left as it was; a
-    file-system error (a full disk...) becomes one line naming ``path``.
-    """
-    path = Path(os.path.realpath(path))  # through a link, replace the file it points to, not the link
-    if path.exists() and not path.is_file():  # never swap a device, pipe or folder for a picture
-        raise UserError(f"{path} exists and is not a regular file; choose another path")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        raise os_error(err, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (see ``replacing``)."""
-    with replacing(path) as tmp:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
-    return Path(path)
