@@ -60,11 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --to model (Li et al.'s 'states'); start keeps --checkpoint's statistics at every α "
                         "(the line then does not end at the --to model); auto (default): interpolate whenever BN "
                         "uses running statistics (--bn-mode eval)")
+    add_data_args(p)
+    g = add_grid_args(p, "XMIN XMAX [YMIN YMAX]; default -1 1 (-0.5 1.5 with --to); y defaults to x's range")
+    g.add_argument("--dim", type=int, default=2, choices=(1, 2), help="1-D line or 2-D surface (default 2)")
+    g = p.add_argument_group("directions")
+    g.add_argument("--norm", default="filter", choices=dir_mod.NORMS,
+                   help="direction normalization: filter (Li et al., default), layer or none")
+    g.add_argument("--ignore", default="biasbn", choices=dir_mod.IGNORES,
+                   help="biasbn (default): zero direction on biases and BN parameters; none: use θ there (official code)")
+    g.add_argument("--seed", type=int, default=0, help="direction seed: the same directions on every device (default 0)")
+    add_evaluation_args(p)
+    add_output_args(p, "surface file (default surfaces/MODEL-DATA-SPLITN-GRID.h5); refused if it holds a surface with "
+                       "other settings")
+    return p
+
+
+# The option groups the trajectory CLI (python -m fastland.trajectory) shares with this one.
+def add_data_args(p: argparse.ArgumentParser, data_default: str | None = "auto", data_help: str | None = None) -> None:
+    """The data options: --data, --split, --samples, --sample-seed, --loss."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="auto",
-                   help="cifar10, synthetic, auto (CIFAR-10 if present or downloadable, else synthetic with a warning; "
-                        "default), or imagefolder:PATH (an ImageFolder tree with train/ and test/, or a .tar.gz of one; "
-                        "normalized with its training split's statistics)")
+    g.add_argument("--data", default=data_default,
+                   help=data_help or "cifar10, synthetic, auto (CIFAR-10 if present or downloadable, else synthetic with a "
+                        "warning; default), or imagefolder:PATH (an ImageFolder tree with train/ and test/, or a .tar.gz "
+                        "of one; normalized with its training split's statistics)")
     g.add_argument("--split", default="train", choices=data_mod.SPLITS, help="evaluation split (Li et al.: train)")
     g.add_argument("--samples", default=None,
                    help=f"evaluation samples: a number (a fixed seeded subset) or 'all'; default "
@@ -72,19 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the evaluation subset (default 0)")
     g.add_argument("--loss", default="auto", choices=("auto", *losses.NAMED),
                    help="auto (default): cross-entropy for integer targets, MSE for float ones")
+
+
+def add_grid_args(p: argparse.ArgumentParser, range_help: str) -> argparse._ArgumentGroup:
+    """The grid options: --res, --xres, --yres, --range (``range_help`` says its default); returns the group."""
     g = p.add_argument_group("grid")
-    g.add_argument("--dim", type=int, default=2, choices=(1, 2), help="1-D line or 2-D surface (default 2)")
     g.add_argument("--res", type=int, default=51, help="points per axis (default 51, as Li et al.)")
     g.add_argument("--xres", type=int, default=None, help="points along x (overrides --res)")
     g.add_argument("--yres", type=int, default=None, help="points along y (overrides --res)")
-    g.add_argument("--range", type=float, nargs="+", default=None, metavar="V",
-                   help="XMIN XMAX [YMIN YMAX]; default -1 1 (-0.5 1.5 with --to); y defaults to x's range")
-    g = p.add_argument_group("directions")
-    g.add_argument("--norm", default="filter", choices=dir_mod.NORMS,
-                   help="direction normalization: filter (Li et al., default), layer or none")
-    g.add_argument("--ignore", default="biasbn", choices=dir_mod.IGNORES,
-                   help="biasbn (default): zero direction on biases and BN parameters; none: use θ there (official code)")
-    g.add_argument("--seed", type=int, default=0, help="direction seed: the same directions on every device (default 0)")
+    g.add_argument("--range", type=float, nargs="+", default=None, metavar="V", help=range_help)
+    return g
+
+
+def add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    """How the grid is evaluated: --bn-mode, --batch-size, --engine, --strategy, --precision, --chunk, --device."""
     g = p.add_argument_group("evaluation")
     g.add_argument("--bn-mode", default="eval", choices=BN_MODES,
                    help="eval (default): BN uses stored running statistics (Li et al.); batch: per-batch statistics, "
@@ -101,13 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute precision (auto: fp32 on CPU, tf32 on CUDA); losses accumulate in fp32/fp64")
     g.add_argument("--chunk", type=int, default=None, help="grid points per saved chunk (default: about 2 s of work)")
     g.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
+
+
+def add_output_args(p: argparse.ArgumentParser, out_help: str) -> argparse._ArgumentGroup:
+    """The output options: --out (``out_help``), --overwrite, --no-render; returns the group."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None,
-                   help="surface file (default surfaces/MODEL-DATA-SPLITN-GRID.h5); refused if it holds a surface with "
-                        "other settings")
+    g.add_argument("--out", default=None, help=out_help)
     g.add_argument("--overwrite", action="store_true", help="replace an existing file whose settings differ")
     g.add_argument("--no-render", action="store_true", help="skip the plots and 3-D renders after the run")
-    return p
+    return g
+
+
+def check_evaluation_args(args: argparse.Namespace) -> None:
+    """The evaluation options' own checks (see ``add_evaluation_args``), as one-line UserErrors."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.bn_mode == "batch" and args.batch_size < 2:
+        raise UserError("--bn-mode batch needs --batch-size of at least 2")
+    if args.chunk is not None and args.chunk < 1:
+        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
+    if args.engine == "reference" and args.precision not in ("auto", "fp32"):
+        raise UserError(f"--engine reference computes in fp32 only; drop --precision {args.precision} or use the "
+                        "batched engine")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -127,15 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--range values must be finite numbers, got {' '.join(str(v) for v in rng)}")
     api._grid(args.dim, (nx, ny), rng)  # increasing, non-empty
     args.grid_range = rng
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.bn_mode == "batch" and args.batch_size < 2:
-        raise UserError("--bn-mode batch needs --batch-size of at least 2")
-    if args.chunk is not None and args.chunk < 1:
-        raise UserError(f"--chunk must be at least 1, got {args.chunk}")
-    if args.engine == "reference" and args.precision not in ("auto", "fp32"):
-        raise UserError(f"--engine reference computes in fp32 only; drop --precision {args.precision} or use the "
-                        "batched engine")
+    check_evaluation_args(args)
     data_mod.check_spec(args.data)
     data_mod.parse_samples(args.samples)
     args.model_args = models.parse_model_args(args.model_arg)
