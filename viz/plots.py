@@ -22,7 +22,7 @@ from fastland.errors import UserError
 from fastland.surfacefile import Surface
 
 from .outputs import check_size, replacing
-from .prepare import has_accuracy, scaled, spans_decades, ticks, title, warning
+from .prepare import Scaled, has_accuracy, scaled, spans_decades, ticks, title, warning
 
 CMAP = "viridis"
 DIVERGED_COLOR = "magenta"
@@ -80,15 +80,27 @@ def contour_png(surface: Surface, path: str | Path, log: bool | None = None, qua
     ``log=None`` chooses a log colour scale when the loss spans two decades or more, which is
     usual far from a trained minimum. ``size`` (pixels) defaults to 1200x1050.
     """
+    fig = _figure((8, 7), size)
+    ax = fig.subplots()
+    _, notes = draw_map(fig, ax, surface, log, quantity, cmap, contours)
+    if ax.get_legend_handles_labels()[0]:  # under the axes, so it never covers a marked point
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, fontsize=8, frameon=False)
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+    _header(fig, ax, surface, notes)
+    return _save(fig, path, notes)
+
+
+def draw_map(fig: Figure, ax: Axes, surface: Surface, log: bool | None = None, quantity: str = "loss",
+             cmap: str = CMAP, contours: int = 12, colorbar: bool = True) -> tuple[Scaled, list[str]]:
+    """Draw the top-down map of ``surface`` into ``ax`` (equal aspect), with its colour bar; return what was
+    drawn and the notes the picture must print. ``contour_png`` and the trajectory pictures use it."""
     if surface.dim != 2:
         raise UserError(f"{surface.path} is a 1-D surface; a contour map needs a 2-D one")
     log = quantity == "loss" and (spans_decades(surface) if log is None else log)
     s = scaled(surface, quantity, log)
     lo, hi = s.clim
     notes = s.describe(hi, above="shown light grey", diverged=f"marked × in {DIVERGED_COLOR}", missing="hatched")
-
-    fig = _figure((8, 7), size)
-    ax = fig.subplots()
     x, y = np.meshgrid(surface.x, surface.y)
     z = np.ma.masked_invalid(s.z)
     colours = matplotlib.colormaps[cmap].with_extremes(over=CLIPPED_COLOR)
@@ -110,17 +122,12 @@ def contour_png(surface: Surface, path: str | Path, log: bool | None = None, qua
         word = "max" if quantity == "acc" else "min"
         ax.plot(surface.x[i], surface.y[j], marker="*", markersize=16, color="red", markeredgecolor="white",
                 label=f"{word} {s.raw[j, i]:.4g} at α={surface.x[i]:.3g}, β={surface.y[j]:.3g}", linestyle="none")
-    if ax.get_legend_handles_labels()[0]:  # under the axes, so it never covers a marked point
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, fontsize=8, frameon=False)
-    ax.set_xlabel("α")
-    ax.set_ylabel("β")
     ax.set_aspect("equal")
-
-    bar = fig.colorbar(filled, ax=ax, shrink=0.85, label=s.label)
-    marks = ticks(lo, hi, log)
-    bar.set_ticks([v for v, _ in marks], labels=[text for _, text in marks])
-    _header(fig, ax, surface, notes)
-    return _save(fig, path, notes)
+    if colorbar:
+        bar = fig.colorbar(filled, ax=ax, shrink=0.85, label=s.label)
+        marks = ticks(lo, hi, log)
+        bar.set_ticks([v for v, _ in marks], labels=[text for _, text in marks])
+    return s, notes
 
 
 def line_png(surface: Surface, path: str | Path, log: bool = False, size: tuple[int, int] | None = None) -> Path:
