@@ -1,0 +1,878 @@
+"""Hessian analysis: exact Hessian-vector products over a data set, top eigenpairs, trace, spectral density.
+
+    values, vectors = fastland.hessian.top_eigenvalues(model, (inputs, targets), k=3)
+    t = fastland.hessian.trace(model, (inputs, targets)); t.stderr
+    grid, rho = fastland.hessian.density(model, (inputs, targets))
+
+**The loss** is the mean over all N samples, ``L(θ) = (1/N) Σ_b n_b · loss_fn(model(x_b), y_b)``
+(``loss_fn`` returns a batch *mean*), so a Hessian-vector product is the batch-size-weighted mean
+of the per-batch HVPs. (Li et al.'s ``hess_vec_prod.py`` sums them, which multiplies every
+eigenvalue by the number of batches.)
+
+**HVPs** are forward-over-reverse, ``jvp(grad(loss))`` through ``functional_call`` on a private
+copy of the model: exact, with no retained graph. ``HVPOperator`` takes a block of vectors
+``[P, n]`` at once and pushes up to ``block`` of them through one ``vmap``, which shares the
+primal forward and backward among them (measured in ``benchmarks/bench_hessian.py``).
+
+**BN modes** (recorded in every result): ``eval`` uses the running statistics (the model in eval
+mode, dropout off): they are constants, as in surfaces and in PyHessian. ``batch`` normalizes
+every batch with its own statistics, which then depend on θ (the Hessian Santurkar et al. reason
+about): BN modules of the private copy lose their running statistics
+(``torch.func.replace_all_batch_norm_modules_``) and run in train mode; everything else, dropout
+included, stays in eval mode; the caller's model and its buffers are never touched. In batch mode
+the Hessian depends on how the samples are split into batches.
+
+**Parameters**: by default all parameters that require grad; ``params=`` picks groups by name or
+module prefix (``"features.0"``) for per-layer spectra. Parameters left out are constants.
+A parameter that the forward pass never uses gets a zero row and column (no crash).
+
+**Algorithms** (all in the flat space of the chosen parameters, ``ParamGroup``):
+
+- ``lanczos``: (block) Lanczos with full reorthogonalization (two Gram-Schmidt passes) and a
+  Rayleigh-Ritz step after every block. It stops when every wanted Ritz pair has a relative
+  residual ``‖Hv − λv‖ / |λ| ≤ tol``; then some eigenvalue lies within ``tol·|λ|`` of each
+  returned one (and, with a gap δ to the rest, within ``tol²λ²/δ``). Lanczos rather than
+  ``torch.lobpcg``: it needs one HVP per step for one vector (LOBPCG needs a block of 3),
+  it gives both ends of the spectrum from one run (curvature maps need λmax and λmin),
+  the same recurrence serves stochastic Lanczos quadrature, and ``torch.lobpcg`` takes
+  only a matrix, not an operator.
+- ``estimate_trace``: Hutchinson with Rademacher vectors, or Hutch++ (Meyer et al. 2021: the
+  trace of a sketched top subspace exactly, Hutchinson on the rest). It stops when the standard
+  error is at most ``tol · |trace|`` (the absolute value: PyHessian's test on the signed trace
+  stops at once on a negative trace).
+- ``spectral_density``: stochastic Lanczos quadrature (Ghorbani et al. 2019): per run the nodes
+  are the Ritz values and the weights the squared *first* components of the eigenvectors of the
+  tridiagonal matrix (they sum to 1); Gaussian broadening, so the density integrates to 1.
+
+A non-finite HVP stops with a ``UserError`` that names the step, the batch and its loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from fastland.errors import UserError
+from fastland.params import FlatSpace, ParamInfo
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+BN_MODES = ("eval", "batch")
+AD_MODES = ("forward", "reverse")
+WHICH = ("largest", "smallest", "magnitude", "both")
+TRACE_METHODS = ("hutch++", "hutchinson")
+DEFAULT_BATCH_SIZE = 256  # per-HVP time is flat from 128 to 1024 images per batch on the CPU (benchmark)
+MAX_BLOCK_CPU = 4  # the vmapped block that block='auto' weighs against one vector at a time
+MAX_BLOCK_CUDA = 16
+PROBE_SAMPLES = 64  # samples of the first batch that block='auto' times both ways on
+
+
+# --- the parameters a Hessian is taken over ------------------------------------------------
+@dataclass(frozen=True)
+class ParamGroup:
+    """The chosen parameters of a ``FlatSpace``, packed in θ order into one vector of ``numel``.
+
+    Vectors of the Hessian operator live in this packed space; ``embed`` puts one back into
+    the full θ (zeros elsewhere) and ``to_dict`` gives ``{parameter name: tensor}``.
+    """
+
+    space: FlatSpace
+    infos: tuple[ParamInfo, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.infos)
+
+    @property
+    def numel(self) -> int:
+        return sum(i.numel for i in self.infos)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [i.numel for i in self.infos]
+
+    @property
+    def everything(self) -> bool:
+        return self.numel == self.space.numel
+
+    def split(self, sub: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: view}`` of a packed ``[n]`` vector. ``split`` (not slicing) so that the
+        backward pass is one concatenation rather than a zero-filled copy per tensor."""
+        return {i.name: t.view(i.shape) for i, t in zip(self.infos, sub.split(self.sizes), strict=True)}
+
+    def gather(self, full: torch.Tensor) -> torch.Tensor:
+        """The packed vector of the chosen parameters out of a full θ ``[N]``."""
+        if self.everything:
+            return full
+        return torch.cat([full[i.offset : i.offset + i.numel] for i in self.infos])
+
+    def embed(self, sub: torch.Tensor) -> torch.Tensor:
+        """A full ``[N]`` vector holding ``sub`` at the chosen parameters and zeros elsewhere."""
+        if self.everything:
+            return sub.clone()
+        full = sub.new_zeros(self.space.numel)
+        for i, t in zip(self.infos, sub.split(self.sizes), strict=True):
+            full[i.offset : i.offset + i.numel] = t
+        return full
+
+    def to_dict(self, sub: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` copies of a packed vector, on its device."""
+        return {k: v.detach().clone() for k, v in self.split(sub).items()}
+
+
+def _module_prefixes(names: Sequence[str]) -> list[str]:
+    out: dict[str, None] = {}
+    for n in names:
+        parts = n.split(".")
+        for j in range(1, len(parts)):
+            out.setdefault(".".join(parts[:j]))
+    return list(out)
+
+
+def select_params(model: nn.Module, params: str | Sequence[str] | None = None,
+                  space: FlatSpace | None = None) -> ParamGroup:
+    """The parameters to take the Hessian over.
+
+    ``None``: every parameter that requires grad. Otherwise names or module prefixes
+    (``"features.0"`` picks ``features.0.weight`` and ``features.0.bias``); a named parameter is
+    taken even if frozen, since it was asked for.
+    """
+    if space is None:
+        try:
+            space = FlatSpace(model)
+        except ValueError:
+            raise UserError("the model has no parameters: there is no Hessian to analyse") from None
+    if params is None:
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        chosen = [i for i in space.infos if i.name not in frozen]
+        if not chosen:
+            raise UserError("no parameter of the model requires grad (all are frozen); unfreeze some "
+                            "(requires_grad_(True)) or name them with params=")
+        return ParamGroup(space, tuple(chosen))
+    patterns = [params] if isinstance(params, str) else list(params)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise UserError(f"params must be parameter names or module prefixes (non-empty strings), got {params!r}")
+    picked: set[str] = set()
+    for pat in patterns:
+        hits = [i.name for i in space.infos if i.name == pat or i.name.startswith(pat + ".")]
+        if not hits:
+            known = _module_prefixes(space.names) or list(space.names)
+            more = f" (and {len(known) - 8} more)" if len(known) > 8 else ""
+            raise UserError(f"the model has no parameter group {pat!r}; groups are module names such as "
+                            f"{', '.join(known[:8])}{more}, or full parameter names such as {space.names[0]}")
+        picked.update(hits)
+    return ParamGroup(space, tuple(i for i in space.infos if i.name in picked))
+
+
+# --- the Hessian-vector product --------------------------------------------------------------
+def _private_copy(model: nn.Module, bn_mode: str) -> nn.Module:
+    """A copy to run ``functional_call`` on: eval mode, and in batch mode BN modules in train mode
+    without running statistics, so that nothing of the caller's model is ever changed."""
+    module = copy.deepcopy(model).eval()
+    if bn_mode == "batch":
+        replace_all_batch_norm_modules_(module)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return module
+
+
+def max_block(device: torch.device) -> int:
+    """The largest vmapped block ``block='auto'`` considers: larger on a GPU."""
+    return MAX_BLOCK_CUDA if device.type == "cuda" else MAX_BLOCK_CPU
+
+
+class HVPOperator:
+    """``v ↦ H v`` for the mean loss over ``batches``, at weights θ that can be re-pointed cheaply.
+
+    ``batches``: ``(inputs, targets)`` pairs already on the model's device, fed to ``model(x)`` as
+    they are. ``loss_fn(outputs, targets)`` returns the batch mean. ``hvp`` takes ``[n]`` or
+    ``[P, n]`` vectors in the packed space of ``group`` (``n = group.numel``).
+    ``set_point(theta)`` moves the operator to other weights (a full θ of ``space.numel``) without
+    copying the model again: that is what curvature maps over a grid need.
+
+    ``block``: vectors per ``vmap`` call, or ``"auto"``: on the first call with several vectors,
+    time one vector at a time against a vmapped block on ``PROBE_SAMPLES`` samples and keep the
+    faster per vector (vmap wins for LeNet on the CPU and loses for ResNet-20, whose vmapped
+    convolution backward is slow there; see the benchmark). ``ad``: ``"forward"``
+    (``jvp`` of ``grad``, the default) or ``"reverse"`` (``vjp`` of ``grad``, a double backward);
+    equal results. ``keep_graph=True`` (reverse only) keeps every batch's forward and backward graph
+    between calls, so that each further HVP is one double-backward pass with no forward pass: what
+    PyHessian does for one batch, ~1.4x faster per HVP on the CPU, at the memory of all those graphs
+    (about 5 GB for ResNet-20 on 1,024 images). ``set_point`` drops them.
+    """
+
+    def __init__(self, model: nn.Module, batches: Batches, loss_fn: LossFn, bn_mode: str = "eval",
+                 params: str | Sequence[str] | None = None, block: int | str = "auto", ad: str | None = None,
+                 keep_graph: bool = False) -> None:
+        if bn_mode not in BN_MODES:
+            raise UserError(f"unknown bn_mode {bn_mode!r}; use {' or '.join(BN_MODES)}")
+        ad = ad or ("reverse" if keep_graph else "forward")
+        if ad not in AD_MODES:
+            raise UserError(f"unknown ad {ad!r}; use {' or '.join(AD_MODES)}")
+        if keep_graph and ad != "reverse":
+            raise UserError("keep_graph keeps the double-backward graph, so it needs ad='reverse' (or no ad)")
+        self.ad = ad
+        self.keep_graph = bool(keep_graph)
+        self.group = select_params(model, params)
+        self.space = self.group.space
+        self.bn_mode = bn_mode
+        self.loss_fn = loss_fn
+        self.batches = _check_batches(batches, bn_mode)
+        self.num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        if block != "auto" and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+            raise UserError(f"block must be a positive integer or 'auto', got {block!r}")
+        self.block: int | None = None if block == "auto" else int(block)
+        self.block_timings: dict[int, float] = {}  # block='auto': seconds per vector and probe sample
+        self._module = _private_copy(model, bn_mode)
+        self.hvps = 0  # vectors multiplied so far (each is one full pass's worth of HVP work)
+        self.context = ""  # what the caller is doing, for error messages ("Lanczos step 7")
+        self.set_point(self.space.flatten(model).to(self.dtype))
+
+    @property
+    def numel(self) -> int:
+        return self.group.numel
+
+    def set_point(self, theta: torch.Tensor) -> None:
+        """Evaluate the Hessian at the full parameter vector ``theta`` ([space.numel]) from now on."""
+        if theta.dim() != 1 or theta.numel() != self.space.numel:
+            raise ValueError(f"theta must be a [{self.space.numel}] vector, got shape {tuple(theta.shape)}")
+        self.theta = theta.detach().to(self.device, self.dtype).contiguous()
+        chosen = set(self.group.names)
+        self._fixed = {k: v for k, v in self.space.views(self.theta).items() if k not in chosen}
+        self._sub = self.group.gather(self.theta)
+        self._kept: dict[int, tuple[Callable[..., Any], torch.Tensor]] = {}
+
+    def loss(self) -> float:
+        """L(θ) at the current point, the same mean the HVPs differentiate."""
+        total = 0.0
+        with torch.no_grad():
+            for x, y in self.batches:
+                total += float(self._loss(self._sub, x, y)) * x.shape[0]
+        return total / self.num_samples
+
+    def _loss(self, sub: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self._module, {**self._fixed, **self.group.split(sub)}, (x,))
+        return self.loss_fn(out, y)
+
+    def _grad_fn(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+        def loss_and_aux(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            value = self._loss(sub, x, y)
+            return value, value.detach()
+
+        return grad(loss_and_aux, has_aux=True)
+
+    def _pullback(self, b: int | None, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[..., Any], torch.Tensor]:
+        """The gradient's vjp at θ on one batch; kept per batch (until ``set_point``) with ``keep_graph``."""
+        if self.keep_graph and b is not None and b in self._kept:
+            return self._kept[b]
+        _, pullback, value = vjp(self._grad_fn(x, y), self._sub, has_aux=True)
+        if self.keep_graph and b is not None:
+            self._kept[b] = (pullback, value)
+        return pullback, value
+
+    def _batch_hvp(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[P, n]`` HVPs of one batch's mean loss (batch ``b`` of ``batches``, or a probe), and that loss."""
+        if self.ad == "reverse":  # H v = vjp of the gradient (H is symmetric); one graph shared by all P vectors
+            pullback, value = self._pullback(b, x, y)
+            hv = pullback(vecs[0])[0][None] if vecs.shape[0] == 1 else vmap(pullback)(vecs)[0]
+            return hv, value
+        grad_fn = self._grad_fn(x, y)
+
+        def one(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _, hv, value = jvp(grad_fn, (self._sub,), (v,), has_aux=True)
+            return hv, value
+
+        if vecs.shape[0] == 1:
+            hv, value = one(vecs[0])
+            return hv[None], value
+        hv, value = vmap(one)(vecs)
+        return hv, value[0]
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for ``v`` of shape ``[n]``, or row by row for ``[P, n]``."""
+        single = v.dim() == 1
+        vecs = v[None] if single else v
+        if vecs.dim() != 2 or vecs.shape[1] != self.numel:
+            raise ValueError(f"expected [n] or [P, n] vectors with n={self.numel}, got shape {tuple(v.shape)}")
+        vecs = vecs.to(self.device, self.dtype)
+        out = torch.zeros_like(vecs)
+        # Attention through the math kernel: the fused CPU/CUDA kernels have no forward-mode or
+        # double-backward derivative.
+        with sdpa_kernel([SDPBackend.MATH]):
+            self._accumulate(vecs, out)
+        self.hvps += vecs.shape[0]
+        return out[0] if single else out
+
+    def _accumulate(self, vecs: torch.Tensor, out: torch.Tensor) -> None:
+        if self.block is None and vecs.shape[0] > 1:
+            self.block = self._choose_block(vecs.shape[0])
+        block = self.block or 1
+        start = 0
+        for b, (x, y) in enumerate(self.batches):
+            weight = x.shape[0] / self.num_samples
+            for c in range(0, vecs.shape[0], block):
+                hv, value = self._batch_hvp(vecs[c : c + block], x, y, b)
+                if not bool(torch.isfinite(hv).all()):
+                    self._non_finite(hv, value, b, start, x.shape[0], c)
+                out[c : c + block].add_(hv, alpha=weight)
+            start += x.shape[0]
+
+    def _choose_block(self, count: int) -> int:
+        """One vector at a time or a vmapped block, whichever is faster per vector (each timed twice,
+        alternating, on the first ``PROBE_SAMPLES`` samples of the first batch: about half an HVP)."""
+        size = min(count, max_block(self.device))
+        if size < 2:
+            return 1
+        x, y = self.batches[0]
+        x, y = x[:PROBE_SAMPLES], y[:PROBE_SAMPLES]
+        vecs = torch.randn(size, self.numel, generator=_generator(0), dtype=torch.float64).to(self.device, self.dtype)
+        best = {1: math.inf, size: math.inf}
+        self._batch_hvp(vecs[:1], x, y)  # warm-up
+        for _ in range(2):
+            for p in best:
+                _sync(self.device)
+                t0 = time.perf_counter()
+                self._batch_hvp(vecs[:p], x, y)
+                _sync(self.device)
+                best[p] = min(best[p], (time.perf_counter() - t0) / p)
+        self.block_timings = {p: t / x.shape[0] for p, t in best.items()}
+        return min(best, key=lambda p: best[p])
+
+    __call__ = hvp
+
+    def _non_finite(self, hv: torch.Tensor, value: torch.Tensor, b: int, start: int, n: int, c: int) -> None:
+        bad = int((~torch.isfinite(hv)).any(dim=1).nonzero()[0, 0]) + c
+        where = f"{self.context}, " if self.context else ""
+        raise UserError(
+            f"the Hessian-vector product is not finite ({where}vector {bad}, batch {b + 1} of {len(self.batches)}, "
+            f"samples {start}-{start + n - 1}, where the loss is {float(value):.6g}, bn_mode={self.bn_mode}); "
+            "the weights or the data give a non-finite loss or gradient there: check them, or use fewer or other samples")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_batches(batches: Batches, bn_mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = list(batches)
+    if not out:
+        raise UserError("the data is empty: give at least one (inputs, targets) batch")
+    for x, y in out:
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
+            raise UserError("every batch must be a pair of tensors (inputs, targets) with the same number of samples")
+        if x.shape[0] == 0:
+            raise UserError("a batch is empty: every batch needs at least one sample")
+        if bn_mode == "batch" and x.shape[0] < 2:
+            raise UserError("bn_mode='batch' cannot normalize a batch of one sample; use a batch size that leaves "
+                            "no batch of one, or bn_mode='eval'")
+    return out
+
+
+# --- results -----------------------------------------------------------------------------
+@dataclass
+class EigenResult:
+    """Eigenpairs of the Hessian. Unpacks as ``values, vectors``.
+
+    ``values``: numpy ``[k]`` (largest first; for ``which='smallest'`` smallest first; for
+    ``'both'`` the k largest then the k smallest); ``vectors``: one ``{name: tensor}`` per value
+    (only the chosen parameters; ``flat`` holds them packed, ``group.embed`` gives full θ
+    vectors); ``residuals``: ``‖Hv − λv‖ / |λ|`` per pair.
+    """
+
+    values: np.ndarray
+    vectors: list[dict[str, torch.Tensor]]
+    flat: torch.Tensor
+    residuals: np.ndarray
+    converged: bool
+    hvps: int
+    tol: float
+    which: str
+    bn_mode: str
+    params: tuple[str, ...]
+    num_samples: int
+    seconds: float
+    group: ParamGroup = field(repr=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.values, self.vectors))
+
+    def record(self) -> dict[str, Any]:
+        """The numbers and settings, for JSON files."""
+        return {"values": self.values.tolist(), "residuals": self.residuals.tolist(), "converged": self.converged,
+                "hvps": self.hvps, "tol": self.tol, "which": self.which, "bn_mode": self.bn_mode,
+                "params": list(self.params), "num_samples": self.num_samples, "seconds": self.seconds}
+
+
+class TraceEstimate(float):
+    """The trace estimate as a float, with ``stderr`` (its standard error) and how it was made."""
+
+    stderr: float
+    samples: np.ndarray  # the per-vector estimates vᵀHv of the stochastic part
+    exact_part: float  # Hutch++: tr(QᵀHQ) of the sketched subspace; 0 for Hutchinson
+    method: str
+    hvps: int
+    converged: bool
+    tol: float
+    bn_mode: str
+    params: tuple[str, ...]
+    num_samples: int
+    seconds: float
+
+    def __new__(cls, value: float, **info: Any) -> TraceEstimate:
+        self = super().__new__(cls, value)
+        for k, v in info.items():
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        return f"TraceEstimate({float(self):.6g} ± {self.stderr:.2g}, {self.method}, bn_mode={self.bn_mode})"
+
+    def record(self) -> dict[str, Any]:
+        return {"trace": float(self), "stderr": self.stderr, "method": self.method, "hvps": self.hvps,
+                "converged": self.converged, "tol": self.tol, "exact_part": self.exact_part, "bn_mode": self.bn_mode,
+                "params": list(self.params), "num_samples": self.num_samples, "seconds": self.seconds}
+
+
+@dataclass
+class Density:
+    """A spectral density. Unpacks as ``grid, density`` (numpy; the density integrates to 1).
+
+    ``nodes`` and ``weights`` ``[runs, steps]`` are the quadrature behind it (each run's weights
+    sum to 1); ``sigma`` is the Gaussian broadening.
+    """
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    sigma: float
+    hvps: int
+    bn_mode: str
+    params: tuple[str, ...]
+    num_samples: int
+    seconds: float
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.grid, self.density))
+
+    def record(self) -> dict[str, Any]:
+        return {"grid": self.grid.tolist(), "density": self.density.tolist(), "nodes": self.nodes.tolist(),
+                "weights": self.weights.tolist(), "sigma": self.sigma, "hvps": self.hvps, "bn_mode": self.bn_mode,
+                "params": list(self.params), "num_samples": self.num_samples, "seconds": self.seconds}
+
+
+# --- linear algebra helpers ----------------------------------------------------------------
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _randn(rows: int, n: int, gen: torch.Generator, op: HVPOperator) -> torch.Tensor:
+    """Drawn on the CPU (the same numbers on every device), then moved."""
+    return torch.randn(rows, n, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+
+
+def _rademacher(rows: int, n: int, gen: torch.Generator, op: HVPOperator) -> torch.Tensor:
+    return (torch.randint(0, 2, (rows, n), generator=gen, dtype=torch.int8) * 2 - 1).to(op.device, op.dtype)
+
+
+def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``w - basis basisᵀ w`` twice (classical Gram-Schmidt with reorthogonalization), rows as vectors."""
+    if basis.shape[0] == 0:
+        return w
+    for _ in range(2):
+        w = w - (w @ basis.T) @ basis
+    return w
+
+
+def _orthonormal_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``w`` orthonormalized: ``(q, r)`` with ``w = rᵀ q`` (a QR of ``wᵀ``)."""
+    q, r = torch.linalg.qr(w.T.double())
+    return q.T.to(w.dtype).contiguous(), r
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="hvp", disable=not enabled, leave=False)
+
+
+# --- eigenvalues -----------------------------------------------------------------------------
+def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices into ascending Ritz values ``theta`` of the wanted ones, in the order they are reported."""
+    order = np.arange(len(theta))
+    if which == "largest":
+        return order[::-1][:k]
+    if which == "smallest":
+        return order[:k]
+    if which == "magnitude":
+        return np.argsort(-np.abs(theta), kind="stable")[:k]
+    return np.concatenate([order[::-1][:k], order[:k]])  # both
+
+
+def lanczos(op: HVPOperator, k: int = 1, which: str = "largest", tol: float = 1e-3, max_iter: int | None = None,
+            seed: int = 0, block: int = 1, progress: bool = False) -> EigenResult:
+    """Extreme eigenpairs of ``op`` by (block) Lanczos with full reorthogonalization.
+
+    Each step multiplies a block of ``block`` orthonormal vectors, orthogonalizes the products
+    against the whole basis (twice), and takes the Ritz pairs of the projected matrix
+    ``T = Qᵀ H Q``, whose columns are exactly those orthogonalization coefficients. It stops when
+    each wanted pair has ``‖Hv − λv‖ ≤ tol·|λ|`` (residuals from the recurrence:
+    ``‖R s_last‖`` with ``R`` the last block's QR factor), or after ``max_iter`` HVPs (a warning).
+    ``which``: ``largest``, ``smallest``, ``magnitude`` (largest |λ|, PyHessian's notion) or
+    ``both`` (the k largest and the k smallest from one run). The basis is kept on the device:
+    ``max_iter × n`` numbers (100 × 14.7M × 4 bytes = 5.9 GB for VGG-16; lower ``max_iter`` there).
+    """
+    n = op.numel
+    _check_eig_args(k, tol, which, n)
+    max_iter = _default_max_iter(k, n) if max_iter is None else int(max_iter)
+    b = int(block)
+    if b < 1 or b > n:
+        raise UserError(f"block must be between 1 and the number of parameters ({n}), got {block}")
+    want = 2 * k if which == "both" else k
+    if max_iter < want:
+        raise UserError(f"max_iter ({max_iter}) must be at least the number of eigenvalues wanted ({want})")
+    max_iter = min(max_iter, n)
+    started = time.perf_counter()
+    gen = _generator(seed)
+    cap = min(n, max_iter + b)
+    basis = torch.empty(cap, n, device=op.device, dtype=op.dtype)
+    proj = np.zeros((cap, cap))  # T = Qᵀ H Q, float64
+    block_q, _ = _orthonormal_rows(_randn(b, n, gen, op))
+    m = 0  # basis vectors so far
+    theta = np.zeros(0)
+    vecs_t = np.zeros((0, 0))
+    residuals = np.full(want, np.inf)
+    converged = False
+    bar = _progress(max_iter, "Lanczos", progress)
+    step = 0
+    while True:
+        rows = block_q.shape[0]
+        basis[m : m + rows] = block_q
+        m += rows
+        step += 1
+        op.context = f"Lanczos step {step}"
+        w = op.hvp(basis[m - rows : m])
+        bar.update(rows)
+        # The orthogonalization coefficients are the new columns of T = QᵀHQ.
+        coef = w @ basis[:m].T
+        w = w - coef @ basis[:m]
+        coef2 = w @ basis[:m].T
+        w = w - coef2 @ basis[:m]
+        col = (coef + coef2).double().cpu().numpy().T  # [m, rows]
+        proj[:m, m - rows : m] = col
+        proj[m - rows : m, :m] = col.T
+        tm = proj[:m, :m]
+        theta, vecs_t = np.linalg.eigh((tm + tm.T) / 2)
+        w_next, r = _orthonormal_rows(w)
+        r = r.cpu().numpy()  # w = rᵀ w_next
+        idx = _wanted(theta, k, which)
+        # H y − θ y for y = Q s is (I − QQᵀ) H Q s = s_lastᵀ w = (r s_last)ᵀ w_next: only the last block's remainder.
+        res = np.linalg.norm(r @ vecs_t[m - rows : m, idx], axis=0) if m < n else np.zeros(len(idx))
+        residuals = res / np.maximum(np.abs(theta[idx]), np.finfo(np.float64).tiny)
+        if m >= want and bool(np.all(residuals <= tol)):
+            converged = True
+            break
+        if m + b > min(max_iter, n):
+            break
+        # The next block: the remainder, topped up with random directions where it has (almost) vanished
+        # (an invariant subspace: Krylov breakdown). Orthogonalized against the basis again, then QR.
+        scale = max(float(np.abs(theta).max()), 1e-30)
+        keep = np.abs(np.diag(r)) > 1e-10 * scale
+        if not keep.all():
+            fresh = _orthogonalize(_randn(int((~keep).sum()), n, gen, op), basis[:m])
+            w_next = torch.cat([w_next[torch.as_tensor(keep, device=w_next.device)], fresh])
+        block_q, _ = _orthonormal_rows(_orthogonalize(w_next, basis[:m]))
+        block_q = block_q[: min(b, n - m)]
+    bar.close()
+    op.context = ""
+    idx = _wanted(theta, k, which)
+    s = torch.as_tensor(vecs_t[:, idx].T, device=op.device, dtype=torch.float64)  # [want, m]
+    flat = (s.to(op.dtype) @ basis[:m]).contiguous()
+    if not converged:
+        warnings.warn(f"Lanczos stopped after {m} Hessian-vector products with relative residual "
+                      f"{float(residuals.max()):.2g} > tol {tol:g}; raise max_iter or tol", stacklevel=2)
+    return EigenResult(values=theta[idx].copy(), vectors=[op.group.to_dict(v) for v in flat], flat=flat,
+                       residuals=residuals, converged=converged, hvps=m, tol=tol, which=which, bn_mode=op.bn_mode,
+                       params=op.group.names, num_samples=op.num_samples, seconds=time.perf_counter() - started,
+                       group=op.group)
+
+
+def _default_max_iter(k: int, n: int) -> int:
+    return min(n, max(100, 20 * k))
+
+
+def _check_eig_args(k: int, tol: float, which: str, n: int) -> None:
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise UserError(f"k must be a positive integer, got {k!r}")
+    if which not in WHICH:
+        raise UserError(f"unknown which {which!r}; use {', '.join(WHICH)}")
+    want = 2 * k if which == "both" else k
+    if want > n:
+        raise UserError(f"k={k} asks for {want} eigenvalues, more than the {n} parameters the Hessian is taken over; "
+                        f"use k <= {n // 2 if which == 'both' else n}")
+    _check_tol(tol)
+
+
+def _check_tol(tol: float) -> None:
+    if not isinstance(tol, int | float) or isinstance(tol, bool) or not math.isfinite(tol) or tol <= 0:
+        raise UserError(f"tol must be a positive number, got {tol!r}")
+
+
+# --- trace ---------------------------------------------------------------------------------
+def estimate_trace(op: HVPOperator, method: str = "hutch++", tol: float = 1e-2, max_iter: int = 500,
+                   sketch: int | None = None, min_samples: int = 10, seed: int = 0,
+                   progress: bool = False) -> TraceEstimate:
+    """tr(H) by Hutchinson (Rademacher ``v``: ``E[vᵀHv] = tr H``) or Hutch++.
+
+    Samples are drawn in blocks of ``op.block`` (one vmapped pass each) until the standard error
+    is at most ``tol·|trace|`` (after ``min_samples``) or ``max_iter`` HVPs have been spent (a
+    warning). Hutch++ first spends ``2·sketch`` HVPs on a subspace Q that holds the top of the
+    spectrum (``Q = orth(H S)``, Rademacher S), takes ``tr(QᵀHQ)`` exactly, and runs Hutchinson on
+    ``(I − QQᵀ) H (I − QQᵀ)``, whose variance no longer carries the largest eigenvalues; the
+    standard error is that of the Hutchinson part.
+    """
+    if method not in TRACE_METHODS:
+        raise UserError(f"unknown trace method {method!r}; use {' or '.join(TRACE_METHODS)}")
+    _check_tol(tol)
+    n = op.numel
+    if sketch is None:
+        sketch = min(16, max(1, n // 4))
+    if method == "hutch++" and not 1 <= sketch < n:
+        raise UserError(f"sketch must be between 1 and {n - 1} (the number of parameters - 1), got {sketch}")
+    if not isinstance(max_iter, int) or max_iter < (2 * sketch if method == "hutch++" else 0) + 2:
+        raise UserError(f"max_iter ({max_iter}) leaves no room for samples; raise it")
+    started = time.perf_counter()
+    gen = _generator(seed)
+    bar = _progress(max_iter, f"trace ({method})", progress)
+    hvps = 0
+    exact = 0.0
+    q = torch.zeros(0, n, device=op.device, dtype=op.dtype)
+    if method == "hutch++":
+        op.context = "Hutch++ sketch"
+        y = op.hvp(_rademacher(sketch, n, gen, op))
+        q, _ = _orthonormal_rows(y)
+        op.context = "Hutch++ top subspace"
+        hq = op.hvp(q)
+        exact = float((hq * q).double().sum())
+        hvps += 2 * sketch
+        bar.update(2 * sketch)
+    samples: list[float] = []
+    converged = False
+    mean = se = math.nan
+    while hvps < max_iter:
+        rows = min(op.block or max_block(op.device), max_iter - hvps)
+        op.context = f"trace sample {len(samples) + 1}"
+        v = _orthogonalize(_rademacher(rows, n, gen, op), q) if q.shape[0] else _rademacher(rows, n, gen, op)
+        hv = op.hvp(v)
+        samples += (hv * v).double().sum(dim=1).cpu().tolist()
+        hvps += rows
+        bar.update(rows)
+        arr = np.asarray(samples)
+        mean = exact + float(arr.mean())
+        se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.inf
+        if len(arr) >= min_samples and se <= tol * abs(mean):
+            converged = True
+            break
+    bar.close()
+    op.context = ""
+    if not converged:
+        warnings.warn(f"the trace estimate stopped after {hvps} Hessian-vector products with standard error "
+                      f"{se:.3g} > tol·|trace| = {tol * abs(mean):.3g}; raise max_iter or tol", stacklevel=2)
+    return TraceEstimate(mean, stderr=se, samples=np.asarray(samples), exact_part=exact, method=method, hvps=hvps,
+                         converged=converged, tol=tol, bn_mode=op.bn_mode, params=op.group.names,
+                         num_samples=op.num_samples, seconds=time.perf_counter() - started)
+
+
+# --- spectral density ----------------------------------------------------------------------
+def slq(op: HVPOperator, runs: int = 4, steps: int = 80, seed: int = 0,
+        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stochastic Lanczos quadrature: ``(nodes, weights)``, each ``[runs, steps]``.
+
+    ``runs`` independent Lanczos recurrences (full reorthogonalization) from normalized Rademacher
+    vectors, advanced together so that each step is one vmapped block of HVPs. For run r, the
+    nodes are the eigenvalues of its tridiagonal T_r and the weights the squared first components
+    of T_r's eigenvectors: ``vᵀ f(H) v ≈ Σ_i w_i f(θ_i)`` with ``Σ_i w_i = 1``.
+    """
+    n = op.numel
+    if not isinstance(runs, int) or runs < 1:
+        raise UserError(f"runs must be a positive integer, got {runs!r}")
+    if not isinstance(steps, int) or steps < 2:
+        raise UserError(f"steps must be an integer of at least 2, got {steps!r}")
+    steps = min(steps, n)
+    gen = _generator(seed)
+    v = _rademacher(runs, n, gen, op)
+    v = v / v.norm(dim=1, keepdim=True)
+    basis = torch.empty(runs, steps, n, device=op.device, dtype=op.dtype)
+    alpha = np.zeros((runs, steps))
+    beta = np.zeros((runs, steps))
+    bar = _progress(runs * steps, "SLQ", progress)
+    for j in range(steps):
+        basis[:, j] = v
+        op.context = f"SLQ step {j + 1}"
+        w = op.hvp(v)
+        bar.update(runs)
+        alpha[:, j] = (w * v).double().sum(dim=1).cpu().numpy()
+        # Full reorthogonalization of each run against its own basis, twice.
+        q = basis[:, : j + 1]
+        for _ in range(2):
+            w = w - torch.einsum("rj,rjn->rn", torch.einsum("rn,rjn->rj", w, q), q)
+        nrm = w.norm(dim=1)
+        beta[:, j] = nrm.double().cpu().numpy()
+        if j + 1 < steps:
+            scale = np.maximum(np.abs(alpha[:, : j + 1]).max(axis=1), 1e-30)
+            broken = beta[:, j] <= 1e-10 * scale
+            if broken.any():  # an invariant subspace: continue with a fresh direction, decoupled (β = 0)
+                for r in np.nonzero(broken)[0]:
+                    fresh = _orthogonalize(_randn(1, n, gen, op), basis[r, : j + 1])[0]
+                    w[r] = fresh
+                    beta[r, j] = 0.0
+                nrm = w.norm(dim=1)
+            v = w / nrm[:, None]
+    bar.close()
+    op.context = ""
+    nodes = np.zeros((runs, steps))
+    weights = np.zeros((runs, steps))
+    for r in range(runs):
+        t = np.diag(alpha[r]) + np.diag(beta[r, :-1], 1) + np.diag(beta[r, :-1], -1)
+        theta, s = np.linalg.eigh(t)
+        nodes[r], weights[r] = theta, s[0] ** 2  # first components: the quadrature weights
+    return nodes, weights
+
+
+def broaden(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None, points: int = 1000
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Gaussian-broadened density on a grid that covers every node by 6σ: ``(grid, density, sigma)``.
+
+    ``sigma`` defaults to 1% of the node range. Each run's density integrates to 1 (its weights
+    sum to 1 and each Gaussian is normalized); the result is their mean.
+    """
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = 0.01 * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"sigma must be a positive number, got {sigma!r}")
+    if not isinstance(points, int) or points < 10:
+        raise UserError(f"points must be an integer of at least 10, got {points!r}")
+    grid = np.linspace(lo - 6 * sigma, hi + 6 * sigma, points)
+    z = (grid[:, None, None] - nodes[None]) / sigma
+    rho = (weights[None] * np.exp(-0.5 * z * z)).sum(axis=2).mean(axis=1) / (sigma * math.sqrt(2 * math.pi))
+    return grid, rho, float(sigma)
+
+
+def spectral_density(op: HVPOperator, runs: int = 4, steps: int = 80, sigma: float | None = None, points: int = 1000,
+                     seed: int = 0, progress: bool = False) -> Density:
+    """The Hessian's spectral density by stochastic Lanczos quadrature (see ``slq`` and ``broaden``)."""
+    started = time.perf_counter()
+    hvps0 = op.hvps
+    nodes, weights = slq(op, runs, steps, seed, progress)
+    grid, rho, sigma = broaden(nodes, weights, sigma, points)
+    return Density(grid=grid, density=rho, nodes=nodes, weights=weights, sigma=sigma, hvps=op.hvps - hvps0,
+                   bn_mode=op.bn_mode, params=op.group.names, num_samples=op.num_samples,
+                   seconds=time.perf_counter() - started)
+
+
+# --- the public API --------------------------------------------------------------------------
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+def _resolve(model: nn.Module, data: Any, loss_fn: LossFn | None, batch_size: int | None
+             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LossFn]:
+    """The one place that turns the public ``data`` and ``loss_fn`` into batches on the model's
+    device and a batch-mean loss (to be replaced by ``fastland.data`` / ``fastland.losses``).
+
+    ``data``: an ``(inputs, targets)`` pair of tensors, split into batches of ``batch_size``
+    (default ``DEFAULT_BATCH_SIZE``), or a list of such pairs, used as given.
+    ``loss_fn=None``: cross-entropy for integer targets, mean squared error for float ones.
+    """
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    first = next(model.parameters(), None)
+    if first is None:
+        raise UserError("the model has no parameters: there is no Hessian to analyse")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise UserError(f"inputs and targets differ in length ({x.shape[0]} vs {y.shape[0]})")
+        bs = batch_size or DEFAULT_BATCH_SIZE
+        pairs = list(zip(x.split(bs), y.split(bs), strict=True))
+    elif isinstance(data, list | tuple) and data and all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p) for p in data):
+        pairs = [(p[0], p[1]) for p in data]
+    else:
+        raise UserError("data must be an (inputs, targets) pair of tensors or a list of such batches, "
+                        f"not {type(data).__name__}")
+    batches = [(x.to(first.device), y.to(first.device)) for x, y in pairs]
+    if loss_fn is None:
+        loss_fn = F.cross_entropy if _is_integer(batches[0][1]) else _mse
+    elif not callable(loss_fn):
+        raise UserError(f"loss_fn must be None or a callable loss_fn(outputs, targets), not {type(loss_fn).__name__}")
+    return batches, loss_fn
+
+
+def operator(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+             params: str | Sequence[str] | None = None, batch_size: int | None = None,
+             block: int | str = "auto", ad: str | None = None, keep_graph: bool = False) -> HVPOperator:
+    """The Hessian-vector-product operator of ``model``'s mean loss over ``data`` (see ``HVPOperator``)."""
+    batches, loss = _resolve(model, data, loss_fn, batch_size)
+    return HVPOperator(model, batches, loss, bn_mode=bn_mode, params=params, block=block, ad=ad, keep_graph=keep_graph)
+
+
+def top_eigenvalues(model: nn.Module, data: Any, k: int = 1, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+                    params: str | Sequence[str] | None = None, tol: float = 1e-3, max_iter: int | None = None,
+                    seed: int = 0, batch_size: int | None = None, which: str = "largest", block: int = 1,
+                    ad: str | None = None, keep_graph: bool = False, progress: bool = False) -> EigenResult:
+    """The k largest Hessian eigenvalues (numpy, largest first) and their eigenvectors.
+
+    Unpacks as ``values, vectors`` (one ``{parameter name: tensor}`` per eigenvalue); the result
+    also holds the residuals, the HVP count and the BN mode. ``tol`` bounds each pair's relative
+    residual ``‖Hv − λv‖ / |λ|``; ``max_iter`` caps the HVPs (default ``max(100, 20k)``).
+    ``which='magnitude'`` ranks by |λ| (what power iteration finds), ``'smallest'`` gives the most
+    negative first. ``block`` vectors per Lanczos step (1 needs the fewest HVPs); ``ad`` and
+    ``keep_graph`` choose how HVPs are made (see ``HVPOperator``).
+    """
+    _check_tol(tol)
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, block=block, ad=ad, keep_graph=keep_graph)
+    return lanczos(op, k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, block=block, progress=progress)
+
+
+def trace(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+          params: str | Sequence[str] | None = None, tol: float = 1e-2, max_iter: int = 500, method: str = "hutch++",
+          seed: int = 0, batch_size: int | None = None, ad: str | None = None, keep_graph: bool = False,
+          progress: bool = False) -> TraceEstimate:
+    """The Hessian's trace, a float with ``.stderr``: sampling stops when the standard error is at
+    most ``tol · |trace|`` or after ``max_iter`` HVPs (see ``estimate_trace``)."""
+    _check_tol(tol)
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph)
+    return estimate_trace(op, method=method, tol=tol, max_iter=max_iter, seed=seed, progress=progress)
+
+
+def density(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+            params: str | Sequence[str] | None = None, runs: int = 4, steps: int = 80, sigma: float | None = None,
+            points: int = 1000, seed: int = 0, batch_size: int | None = None, ad: str | None = None,
+            keep_graph: bool = False, progress: bool = False) -> Density:
+    """The Hessian's spectral density by stochastic Lanczos quadrature. Unpacks as ``grid, density``."""
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph)
+    return spectral_density(op, runs=runs, steps=steps, sigma=sigma, points=points, seed=seed, progress=progress)
