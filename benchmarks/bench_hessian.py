@@ -279,7 +279,8 @@ def compare(name: str, rounds: int, power_max_iter: int, log: Callable[[str], No
             runs[c].append(out)
             log(f"  round {r + 1} {c:20s} {out['seconds']:8.2f} s  {out['hvps']:3d} HVPs  λ = {out['value']:.6g} "
                 f"(error {out['rel_error']:.1e})")
-    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "weights": how, "data": data,
+    source = "fastland.models" if name in models.MODELS else "bench_hessian.ResNet20"
+    return {"model": name, "definition": source, "params": sum(p.numel() for p in model.parameters()), "weights": how, "data": data,
             "images": len(y), "batch": BATCH, "tol": TOL, "reference": ref.values.tolist(), "runs": runs}
 
 
@@ -371,7 +372,7 @@ def render(result: dict[str, Any], command: str) -> str:
     for comp in result["compare"]:
         runs = comp["runs"]
         fl = min(r["seconds"] for r in runs["fastland"])
-        lines += [f"## {comp['model']} ({comp['params']:,} parameters), {comp['images']} images", "",
+        lines += [f"## {comp['model']} ({comp['params']:,} parameters, from {comp.get('definition', '?')}), {comp['images']} images", "",
                   f"Weights: {comp['weights']}. Data: {comp['data']}. Reference eigenvalues (fastland, tol 1e-7): "
                   f"λ1 = {comp['reference'][0]:.6g}, λ2 = {comp['reference'][1]:.6g} (λ2/λ1 = "
                   f"{comp['reference'][1] / comp['reference'][0]:.3f}).", "",
