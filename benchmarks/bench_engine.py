@@ -212,6 +212,72 @@ def test_compare(benchmark, sizes: Sizes, impl: str) -> None:  # type: ignore[no
     benchmark.extra_info.update(info)
 
 
+# --- side by side: the candidates interleaved in one process -----------------------------------
+def interleaved(cands: dict[str, tuple[Callable[[], object], int]], rounds: int) -> dict[str, float]:
+    """Seconds per grid point of each candidate ``{name: (run, points it evaluates)}``: the candidates
+    take turns (round-robin) and each keeps its best round, so a burst of load from a neighbour on
+    this shared CPU hits all of them alike. One warm-up call each first."""
+    for fn, _ in cands.values():
+        fn()
+    best = {k: float("inf") for k in cands}
+    for _ in range(rounds):
+        for k, (fn, points) in cands.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            best[k] = min(best[k], (time.perf_counter() - t0) / points)
+    return best
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+SIDE_BY_SIDE = {"lenet": 16, "resnet20_bn": 2}  # points per call of the slow per-point implementations
+
+
+@pytest.mark.parametrize("name", list(SIDE_BY_SIDE))
+def test_side_by_side(benchmark, sizes: Sizes, name: str) -> None:  # type: ignore[no-untyped-def]
+    """The engine, the reference, a Li et al.-style loop and ``loss-landscapes`` (and one plain forward
+    pass of the model over the same images, the floor of any one-point-at-a-time method), interleaved.
+    ResNet-20 is not an ``nn.Sequential``: no model-specific shortcut applies to it."""
+    model, space, theta, dirs, ev = problem(name, sizes.images)
+    slow = SIDE_BY_SIDE[name]
+    coords = subset(grid(21), 4 * slow)
+    e, build = engine(name, sizes.images)
+    ref = reference(name, sizes.images)
+    plain = copy.deepcopy(model).eval()
+    x = ev.prepare(ev.inputs)
+
+    def forward() -> None:
+        with torch.no_grad():
+            plain(x)
+
+    cands: dict[str, tuple[Callable[[], object], int]] = {
+        "engine": (lambda: e.evaluate(coords), coords.shape[0]),
+        "reference": (lambda: ref.evaluate(coords[:slow]), slow),
+        "li_et_al_loop": (lambda: li_et_al_loop(model, space, theta, dirs, ev, coords[:slow]), slow),
+        "plain_forward": (forward, 1),
+    }
+    try:
+        import loss_landscapes  # noqa: F401
+
+        if not CUDA:  # it draws its directions on the CPU: it cannot perturb a CUDA model
+            side = max(2, round(slow**0.5))
+            cands["loss_landscapes"] = (lambda: loss_landscapes_plane(model, ev, side), side * side)
+    except ImportError:
+        pass
+    rounds = 3 if sizes is CPU_SIZES else 2
+    result: dict[str, float] = {}
+    benchmark.group = f"side by side: {name}, {sizes.images} images"
+    benchmark.pedantic(lambda: result.update(interleaved(cands, rounds)), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update({"kind": "side_by_side", "model": name, "images": sizes.images, "rounds": rounds,
+                                 "ms_per_point": {k: round(v * 1e3, 3) for k, v in result.items()},
+                                 **engine_info(e, coords.shape[0], sizes.images, build_seconds=round(build, 3))})
+
+
 # --- strategies: auto must pick the fastest --------------------------------------------------
 @pytest.mark.parametrize("strategy", ["auto", "loop", "vmap", "im2col"])
 @pytest.mark.parametrize("name,bn_mode", [("lenet", "eval"), ("lenet_bn", "eval"), ("lenet_bn", "batch")])

@@ -94,6 +94,29 @@ def compare_section(benches: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+TARGETS = {"lenet": 5.0, "resnet20_bn": 1.5}  # engine vs loss-landscapes per grid point (design.md)
+
+
+def side_by_side_section(benches: list[dict[str, Any]]) -> list[str]:
+    """The interleaved comparisons: every candidate took turns in one process, best round each."""
+    out: list[str] = []
+    for b in (b for b in benches if b["extra_info"].get("kind") == "side_by_side"):
+        e = b["extra_info"]
+        ms = e["ms_per_point"]
+        out += [f"## Side by side (interleaved, best of {e['rounds']} rounds): {e['model']}, {e['images']} images", ""]
+        table = [[impl, f"{t:.3f}", _fmt(1e3 / t), f"{t / ms['engine']:.2f}×"] for impl, t in
+                 sorted(ms.items(), key=lambda kv: kv[1])]
+        out += _table(["implementation", "ms per grid point", "grid points/s", "engine is faster by"], table)
+        if "loss_landscapes" in ms:
+            r = ms["loss_landscapes"] / ms["engine"]
+            goal = TARGETS.get(e["model"])
+            met = "" if goal is None else f" (target ≥ {goal}×: {'met' if r >= goal else 'NOT met'})"
+            out += [f"Engine vs `loss-landscapes` per grid point: **{r:.2f}×**{met}; engine vs one plain forward pass "
+                    f"of the model: {ms['plain_forward'] / ms['engine']:.2f}×. Engine strategy `{e['strategy']}`, "
+                    f"{e['precision']}.", ""]
+    return out
+
+
 def strategy_section(benches: list[dict[str, Any]]) -> list[str]:
     rows = [b for b in benches if b["extra_info"].get("kind") == "strategy"]
     if not rows:
@@ -200,7 +223,9 @@ def flops_section(benches: list[dict[str, Any]]) -> list[str]:
 def render(data: dict[str, Any], command: str | None = None) -> str:
     benches = data["benchmarks"]
     lines = header(data, command)
-    for section in (compare_section, strategy_section, scale_p_section, resolution_section, vgg_section, flops_section):
+    sections = (side_by_side_section, compare_section, strategy_section, scale_p_section, resolution_section,
+                vgg_section, flops_section)
+    for section in sections:
         lines += section(benches)
     return "\n".join(lines).rstrip() + "\n"
 

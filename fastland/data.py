@@ -145,6 +145,8 @@ class EvalSet:
         return out
 
     def describe(self) -> str:
+        if self.source in ("tensors", "dataset", "dataloader"):
+            return f"{len(self):,} samples ({self.source}), cached on {self.device.type}"
         return f"{len(self):,} {self.name or self.source} {self.split} samples, cached on {self.device.type}"
 
 
@@ -388,14 +390,15 @@ class ImageFolderData:
             return CIFAR_JPEG_NAME
         return f"ImageFolder {self.label}"
 
-    def split(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """uint8 images ``[N, C, H, W]``, int64 labels ``[N]`` and the class names of one split (cached)."""
+    def split(self, split: str) -> dict[str, np.ndarray]:
+        """One split, decoded and cached: uint8 ``images [N, C, H, W]``, int64 ``labels [N]``, and the
+        per-channel ``mean``/``std`` (in [0, 1] units) of its images."""
         folder = self.root / split
         if not folder.is_dir():
             raise UserError(f"imagefolder: {self.root} has no {split}/ folder; expected {folder}/<class>/<image>")
         tv = import_torchvision()
         try:
-            classes, class_to_idx = tv.datasets.folder.find_classes(str(folder))
+            _, class_to_idx = tv.datasets.folder.find_classes(str(folder))
             items = tv.datasets.folder.make_dataset(str(folder), class_to_idx, extensions=tv.datasets.folder.IMG_EXTENSIONS)
         except (FileNotFoundError, OSError) as err:
             raise UserError(f"imagefolder: {folder}: {one_line(err)}") from None
@@ -406,36 +409,44 @@ class ImageFolderData:
         cached = cache_dir() / f"imagefolder-{split}-{stamp}.npz"
         if cached.exists():
             with np.load(cached) as z:
-                return z["images"], z["labels"], list(classes)
+                return {k: z[k] for k in z.files}
         images = _decode([p for p, _ in items], folder)
-        labels = np.array([c for _, c in items], dtype=np.int64)
+        out = {"images": images, "labels": np.array([c for _, c in items], dtype=np.int64), **_channel_stats(images)}
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=images, labels=labels)
+            np.savez(tmp, **out)
             tmp.replace(cached)
         except OSError as err:
             warnings.warn(f"could not cache the decoded images in {cached.parent} ({err.strerror}); they will be "
                           "decoded again next time", stacklevel=2)
-        return images, labels, list(classes)
-
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std (in [0, 1] units) of the training split."""
-        images, _, _ = self.split("train")
-        x = torch.from_numpy(images)
-        c = x.shape[1]
-        flat = x.transpose(0, 1).reshape(c, -1).double() / 255
-        return flat.mean(1).float(), flat.std(1).float()
+        return out
 
     def evalset(self, split: str, n: int | None, seed: int, device: torch.device, option: str = "--samples") -> EvalSet:
-        images, labels, _ = self.split(split)
-        mean, std = self.stats()
+        """A split as an ``EvalSet``, normalized with the training split's statistics."""
+        part = self.split(split)
+        images, labels = part["images"], part["labels"]
+        train = part if split == "train" else self.split("train")
+        mean, std = torch.from_numpy(train["mean"]).float(), torch.from_numpy(train["std"]).float()
         idx = _subset(len(labels), n, seed, split, option)
         x, y = torch.from_numpy(images), torch.from_numpy(labels)
         if idx is not None:
             x, y = x[idx], y[idx]
         return EvalSet(x.contiguous().to(device), y.to(device), f"imagefolder:{self.label}", split, int(seed),
                        mean.to(device), std.to(device), None, self.name)
+
+
+def _channel_stats(images: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """Per-channel mean and std of uint8 ``[N, C, H, W]`` images, in [0, 1] units (fp64 sums, in chunks)."""
+    c = images.shape[1]
+    s1, s2, count = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].astype(np.float64) / 255
+        s1 += x.sum(axis=(0, 2, 3))
+        s2 += (x * x).sum(axis=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / count
+    return {"mean": mean, "std": np.sqrt(np.maximum(s2 / count - mean**2, 0) * count / max(count - 1, 1))}
 
 
 def _decode(paths: list[str], folder: Path) -> np.ndarray:

@@ -8,7 +8,8 @@ against the reference evaluator (``tests/test_engine.py``):
 - ``pool``: exact 2x2 max-pools as ``Pool2x2``, and ReLU moved after the pool (Sequential);
 - ``bnfold``: eval-mode BN folded into the conv/linear before it, and in-place ReLUs, on a
   ``torch.fx`` trace (any traceable model);
-- ``im2col``: convs as unfold + matmul, for the ``im2col`` strategy.
+- ``im2col``: convs as unfold + matmul, for the ``im2col`` strategy;
+- ``layout``: image inputs in channels-last memory order, where oneDNN's convolutions are faster.
 
 The result is a ``Plan``: the ``body`` the engine runs per point (any ``nn.Module``), how to
 turn perturbed flat weights into the body's parameters, and how to make the body's inputs for
@@ -27,7 +28,7 @@ from torch import nn
 from fastland.params import FlatSpace
 from fastland.reference import prepare_model
 
-from . import bnfold, im2col, pool
+from . import bnfold, im2col, layout, pool
 from .bnfold import BN, BNFold
 from .pool import Pool2x2, is_pool2
 from .stem import Stem, StemInputs
@@ -57,6 +58,7 @@ class Plan:
     folds: tuple[BNFold, ...] = ()
     stem: Stem | None = None
     applied: list[str] = field(default_factory=list)  # what was rewritten, for the engine's description
+    channels_last: bool = False  # feed 4-D image inputs in NHWC memory order (see ``layout``)
 
     def body_params(self, views: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """``{name: [P, *shape]}`` for the body: BN folded where planned, floats cast to ``dtype``."""
@@ -77,14 +79,15 @@ class Plan:
                dtype: torch.dtype) -> PointInputs | StemInputs:
         """The body's inputs for the block of points ``coords`` on data batch ``x``."""
         if self.stem is None:
-            return PointInputs(x.to(dtype) if x.is_floating_point() else x)
+            x = x.to(dtype) if x.is_floating_point() else x
+            return PointInputs(layout.to_channels_last(x) if self.channels_last else x)
         maps, stats = ctx  # type: ignore[misc]
         return StemInputs(self.stem, maps, coords, self.stem.coefficients(coords, views, stats), dtype)
 
 
 def plan(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Tensor, bn_mode: str,
          sample: torch.Tensor, factorize: bool = True, fold_bn: bool = True, fast_pool: bool = True,
-         im2col_convs: bool = False) -> Plan:
+         im2col_convs: bool = False, channels_last: bool = False) -> Plan:
     """Prepare a private copy of ``model`` for the engine (see the module docstring).
 
     ``sample`` is a small prepared input batch on θ's device (for tracing shapes).
@@ -112,12 +115,15 @@ def plan(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
         applied.append(f"{relus} ReLU in place")
     if im2col_convs and (n := im2col.replace_convs(body)):
         applied.append(f"{n} convs as im2col")
+    nhwc = channels_last and stem is None and layout.applies(body, body_sample)
+    if nhwc:
+        applied.append("channels-last inputs")
     body_names = tuple(n for n, _ in (*body.named_parameters(), *body.named_buffers()) if n in space.names)
     made = {f"{f.layer}.bias" for f in folds if not f.has_bias}
     strays = [n for n, _ in body.named_parameters() if n not in space.names and n not in made]
     if strays:
         raise ValueError(f"engine plan: body parameters {strays[:3]} are not in the flat space")
-    return Plan(body, body_names, folds, stem, applied)
+    return Plan(body, body_names, folds, stem, applied, nhwc)
 
 
 def _split_sequential(m: nn.Sequential, space: FlatSpace, theta: torch.Tensor, dirs: torch.Tensor, factorize: bool,
