@@ -48,8 +48,10 @@ ordered by ``meta["step"]``.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -65,7 +67,7 @@ from tqdm import tqdm
 
 from fastland import models
 from fastland.directions import IGNORES
-from fastland.errors import UserError, os_error
+from fastland.errors import ArgumentParser, UserError, cli_entry, os_error
 from fastland.params import FlatSpace, ParamInfo
 
 FINAL = "final.pt"
@@ -140,33 +142,61 @@ class Trajectory:
         pad = margin * np.maximum(hi - lo, 1e-12)
         return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
 
+    def labels(self) -> list[str]:
+        """A short name per run for legends: its folder name (with its parent's where two are alike), and
+        the optimizer and learning rate its ``config.json`` names."""
+        names = [p.run.name or str(p.run) for p in self.paths]
+        if len(set(names)) < len(names):
+            names = [f"{p.run.parent.name}/{p.run.name}" for p in self.paths]
+        if len(set(names)) < len(names):
+            names = [str(p.run) for p in self.paths]
+        out = []
+        for name, p in zip(names, self.paths, strict=True):
+            cfg = _config(p.run) or {}
+            number = {k: cfg[k] for k in ("lr", "momentum") if isinstance(cfg.get(k), int | float) and cfg[k]}
+            how = ", ".join(([str(cfg["optimizer"])] if cfg.get("optimizer") else []) + [f"{k} {v:g}" for k, v in number.items()])
+            out.append(f"{name} ({how})" if how else name)
+        return out
+
     def h5_fields(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The datasets and attributes to add to a surface file, under Li et al.'s names.
 
         The first run's path is ``proj_xcoord`` / ``proj_ycoord`` (one point per checkpoint, oldest
-        first, ending at (0, 0)), with ``proj_step``, ``proj_epoch`` and ``proj_checkpoint``; further
-        runs go to ``run{k}/proj_xcoord`` and so on. ``explained_variance_ratio_``,
-        ``explained_variance_`` and ``singular_values_`` are as in Li et al.'s direction file, so
-        their ``plot_2D.py`` reads them; ``pca_included`` names the parameters that take part.
+        first, ending at (0, 0)), with ``proj_step``, ``proj_epoch``, ``proj_epoch_end`` (1 where an
+        epoch ends: the figures' markers), ``proj_residual`` (each checkpoint's distance from the
+        plane) and ``proj_checkpoint``; further runs' are ``run{k}_proj_xcoord`` and so on (top-level
+        datasets, so ``fastland.load(path).extras`` holds them all), named in the ``pca_labels``
+        attribute. ``explained_variance_ratio_``, ``explained_variance_`` and ``singular_values_`` are
+        as in Li et al.'s direction file, so their ``plot_2D.py`` reads them; ``pca_included`` names
+        the parameters that take part.
         """
         import h5py  # only the surface file needs it
 
         text = h5py.string_dtype()
         data: dict[str, np.ndarray] = {}
         for k, p in enumerate(self.paths):
-            pre = "" if k == 0 else f"run{k}/"
+            pre = run_prefix(k)
             data |= {f"{pre}proj_xcoord": p.coords[:, 0].copy(), f"{pre}proj_ycoord": p.coords[:, 1].copy(),
                      f"{pre}proj_step": p.steps.copy(), f"{pre}proj_epoch": p.epochs.copy(),
+                     f"{pre}proj_epoch_end": p.epoch_end.astype(np.uint8), f"{pre}proj_residual": p.residual.copy(),
                      f"{pre}proj_checkpoint": np.array([f.name for f in p.files], dtype=text)}
         data |= {"explained_variance_ratio_": self.explained_variance_ratio.copy(),
                  "explained_variance_": self.explained_variance.copy(),
                  "singular_values_": self.singular_values.copy(),
                  "pca_included": np.array(self.included, dtype=text)}
         attrs = {"direction": "pca", "pca_ignore": self.ignore, "pca_rows": self.rows,
-                 "pca_runs": json.dumps([str(p.run) for p in self.paths]), "pca_reference": str(self.reference),
+                 "pca_runs": json.dumps([str(p.run.resolve()) for p in self.paths]),
+                 "pca_reference": str(self.reference.resolve()),
+                 "pca_labels": json.dumps(self.labels()),
                  "pca_method": "exact PCA (Gram eigendecomposition) of θ_i − θ_ref, centred as scikit-learn; "
                                "coordinates by least squares"}
         return data, attrs
+
+
+def run_prefix(k: int) -> str:
+    """How the surface file names run ``k``'s datasets: ``proj_xcoord`` for the first run (Li et al.'s
+    name), ``run1_proj_xcoord`` for the second, and so on."""
+    return "" if k == 0 else f"run{k}_"
 
 
 # --- reading run folders ---------------------------------------------------------------------
@@ -579,3 +609,397 @@ def _fit(rows: _Rows, run_dirs: list[Path], entries: list[dict[int, _Entry]], sp
         model=name, space=space, ignore=ignore, included=tuple(info.name for info, _ in plan), directions=directions,
         explained_variance_ratio=ratio, explained_variance=lam2 / max(m - 1, 1), singular_values=np.sqrt(lam2),
         paths=tuple(paths), theta_final=theta_ref, reference=ref_path, rows=m, storage=rows.storage)
+
+
+# --- the surface on the PCA plane ----------------------------------------------------------------
+MIN_ASPECT = 0.5  # the default grid's shorter side is at least this fraction of its longer one
+ANIMATIONS = ("gif", "mp4", "none")
+
+
+def default_range(traj: Trajectory, margin: float = 0.2) -> tuple[float, float, float, float]:
+    """The grid around every path: ``traj.extent(margin)``, its shorter side widened (about its centre)
+    to ``MIN_ASPECT`` of the longer one, since the 2nd component usually spans far less than the 1st and
+    a sliver of a map would show nothing beside the path. The axes are orthonormal, so the picture
+    keeps the path's true shape (equal aspect)."""
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise UserError(f"margin must be a number >= 0, got {margin}")
+    lo_x, hi_x, lo_y, hi_y = traj.extent(margin)
+    sx, sy = hi_x - lo_x, hi_y - lo_y
+    if sy < MIN_ASPECT * sx:
+        c = (lo_y + hi_y) / 2
+        lo_y, hi_y = c - MIN_ASPECT * sx / 2, c + MIN_ASPECT * sx / 2
+    elif sx < MIN_ASPECT * sy:
+        c = (lo_x + hi_x) / 2
+        lo_x, hi_x = c - MIN_ASPECT * sy / 2, c + MIN_ASPECT * sy / 2
+    return lo_x, hi_x, lo_y, hi_y
+
+
+def run_data(run: str | Path) -> str:
+    """The ``--data`` a run was trained on, from its ``config.json`` (``auto`` as it resolved then)."""
+    run = Path(run)
+    cfg = _config(run)
+    if cfg is None or "data" not in cfg:
+        raise UserError(f"{run} has no readable config.json naming its data, so the data it was trained on is unknown; "
+                        "pass --data (cifar10, synthetic or imagefolder:PATH)")
+    spec, source = str(cfg["data"]), cfg.get("data_source")
+    if spec == "auto" and source in ("cifar10", "synthetic"):
+        return str(source)
+    if spec in ("auto", "cifar10", "synthetic") or spec.startswith("imagefolder:"):
+        return spec
+    raise UserError(f"{run} was trained on data given in Python ({spec}); pass the data to evaluate on "
+                    "(--data, or data= in Python)")
+
+
+def surface(runs: str | Path | Sequence[str | Path] | Trajectory, data: Any = None, loss_fn: Any = None, *,
+            res: int | Sequence[int] = 51, range: Sequence[float] | None = None, margin: float = 0.2,  # noqa: A002
+            ignore: str = "biasbn", split: str = "train", samples: int | str | None = None, sample_seed: int = 0,
+            bn_mode: str = "eval", out: str | Path | None = None, device: str | torch.device | None = None,
+            precision: str = "auto", batch_size: int = 128, engine: str = "batched", strategy: str = "auto",
+            overwrite: bool = False, progress: bool = True, chunk: int | None = None,
+            memory_budget: int | None = None) -> Any:
+    """The loss surface on the PCA plane of ``runs`` (Li et al. Sec. 7), around the first run's final
+    weights, with every run's path and the loss at each checkpoint; returns a ``fastland.Surface``.
+
+    ``runs``: run folders (see ``pca``) or a ``Trajectory`` already fitted. ``data``: what
+    ``fastland.surface`` takes, or a name (``"synthetic"``, ``"cifar10"``, ``"imagefolder:PATH"``)
+    loaded with ``split``, ``samples`` (default 10,000 on CUDA, 256 on the CPU) and ``sample_seed``;
+    None: what the first run was trained on. ``range``: ``(xmin, xmax, ymin, ymax)`` on the PCA
+    axes (default ``default_range``: the paths' extent plus ``margin``). The directions are used as
+    they are (not filter-normalized, as Li et al.). The rest is as ``fastland.surface``; with
+    ``out`` the file resumes when called again, like any surface file.
+
+    Besides the surface the result's ``extras`` hold, per run (see ``Trajectory.h5_fields``; the
+    first run under Li et al.'s names): ``proj_xcoord``, ``proj_ycoord``, ``proj_step``,
+    ``proj_epoch``, ``proj_epoch_end``, ``proj_residual``, ``proj_checkpoint``; ``proj_{split}_loss``
+    (and ``_acc``): each checkpoint evaluated as it is (``fastland.evaluate``: its own biases and BN
+    statistics); ``proj_plane_{split}_loss``: the loss at its projected point on the plane, which is
+    what the surface shows there (the two agree for checkpoints on the plane); and
+    ``explained_variance_ratio_``, ``pca_included``.
+    """
+    from fastland import api
+    from fastland import data as data_mod
+
+    traj = runs if isinstance(runs, Trajectory) else pca(runs, ignore=ignore, memory_budget=memory_budget,
+                                                         progress=progress)
+    dev = api.resolve_device(device)
+    if data is None or isinstance(data, str):
+        from fastland import surface as surface_cli
+
+        if samples is None:
+            samples = surface_cli.DEFAULT_CUDA_SAMPLES if dev.type == "cuda" else surface_cli.DEFAULT_CPU_SAMPLES
+        evalset = data_mod.load(data or run_data(traj.paths[0].run), split, samples, seed=sample_seed, device=dev)
+    else:
+        evalset = data_mod.as_data(data, dev, batch_size=batch_size)
+        split = evalset.split
+    model, spec, meta = models.load_checkpoint(traj.reference, dev)
+    old = _resumable(Path(out), traj, overwrite) if out is not None else None
+    dirs = [{k: torch.as_tensor(v) for k, v in d.items()} for d in old.directions] if old else traj.named_directions()
+    if range is None:
+        a = old.attrs if old else {}
+        range = (a["xmin"], a["xmax"], a["ymin"], a["ymax"]) if old else default_range(traj, margin)  # noqa: A001
+    extras, attrs = traj.h5_fields()
+    if old is None or f"proj_{split}_loss" not in old.extras:
+        extras |= checkpoint_losses(traj, evalset, loss_fn, dirs, split=split, bn_mode=bn_mode, batch_size=batch_size,
+                                    device=dev, progress=progress)
+    attrs |= {"model": spec, "checkpoint": str(traj.reference), "checkpoint_sha256": models.sha256(traj.reference),
+              "checkpoint_epoch": float(meta.get("epoch", -1)), "ignore": traj.ignore, "norm": "none"}
+    return api.surface(model, evalset, loss_fn, directions=dirs, res=res, range=range, bn_mode=bn_mode, out=out,
+                       device=dev, precision=precision, batch_size=batch_size, engine=engine, strategy=strategy,
+                       overwrite=overwrite, progress=progress, chunk=chunk, attrs=attrs, extras=extras)
+
+
+def _resumable(path: Path, traj: Trajectory, overwrite: bool) -> Any:
+    """The existing trajectory surface at ``path`` that this call continues, or None (nothing to resume).
+
+    A resumed file keeps its own directions and range: recomputed ones differ in the last bits
+    when the thread count changed, and the surface's settings must match exactly. They must still
+    be the same directions (to 1e-5), from the same runs and checkpoints; otherwise one line.
+    """
+    from fastland import surfacefile
+
+    if overwrite or not path.is_file():
+        return None
+    try:
+        old = surfacefile.read(path, directions=True)
+    except UserError:
+        return None  # not a surface file: fastland.surface says so
+    a = old.attrs
+    if a.get("direction") != "pca":
+        return None  # another kind of surface: refused as other settings
+    fix = "pass --overwrite (overwrite=True) to replace it or choose another --out"
+    try:
+        runs = json.loads(str(a.get("pca_runs", "[]")))
+    except ValueError:
+        runs = []
+    if runs != [str(p.run.resolve()) for p in traj.paths] or a.get("pca_ignore") != traj.ignore:
+        raise UserError(f"{path} holds the trajectory surface of other runs or another --ignore ({', '.join(runs)}; "
+                        f"ignore {a.get('pca_ignore')}); {fix}")
+    for k, p in enumerate(traj.paths):
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in old.extras.get(f"{run_prefix(k)}proj_checkpoint", [])]
+        if names != [f.name for f in p.files]:
+            raise UserError(f"{path} was made from other checkpoints of {p.run} ({len(names)} then, {len(p.files)} now); "
+                            f"{fix}")
+    want = traj.directions
+    for k, d in enumerate(old.directions):
+        got = torch.cat([torch.as_tensor(d[name]).reshape(-1).float() for name in traj.space.names])
+        if got.shape != want[k].shape or float((got - want[k]).abs().max()) > 1e-5 * float(want[k].abs().max()):
+            raise UserError(f"{path} holds a surface on other PCA directions (a checkpoint changed since it was made); {fix}")
+    return old
+
+
+def checkpoint_losses(traj: Trajectory, data: Any, loss_fn: Any = None, directions: Any = None, *, split: str = "train",
+                      bn_mode: str = "eval", batch_size: int = 128, device: str | torch.device | None = None,
+                      progress: bool = True) -> dict[str, np.ndarray]:
+    """Each checkpoint's loss as it is (``proj_{split}_loss``, ``_acc``), and the loss at its projected
+    point on the plane through the reference along ``directions`` (default the trajectory's), with the
+    reference's other parameters and BN statistics (``proj_plane_{split}_loss``: what the surface
+    shows there). Datasets named as in ``Trajectory.h5_fields``; ``fastland.evaluate`` throughout."""
+    from fastland import api
+
+    dev = api.resolve_device(device)
+    work, _, _ = models.load_checkpoint(traj.reference, dev)
+    final_state = {k: v.clone() for k, v in work.state_dict().items()}
+    space = FlatSpace(work)
+    if directions is None:
+        dirs = traj.directions.to(dev)
+    else:
+        dirs = torch.stack([torch.cat([torch.as_tensor(d[n]).reshape(-1).float() for n in space.names])
+                            for d in directions]).to(dev)
+    theta = traj.theta_final.to(dev)
+    out: dict[str, np.ndarray] = {}
+    total = sum(2 * len(p.files) for p in traj.paths)
+    bar = tqdm(total=total, desc="checkpoint losses", unit="eval", disable=None if progress else True, leave=False)
+    try:
+        for k, p in enumerate(traj.paths):
+            pre = run_prefix(k)
+            loss, acc, plane = (np.full(len(p.files), np.nan) for _ in range(3))
+            for i, f in enumerate(p.files):
+                models.load_state(work, models.read_checkpoint(f)["state_dict"], str(f))
+                r = api.evaluate(work, data, loss_fn, bn_mode=bn_mode, batch_size=batch_size, device=dev)
+                loss[i], acc[i] = r["loss"], r.get("accuracy", np.nan)
+                bar.update()
+            work.load_state_dict(final_state)
+            for i, (a, b) in enumerate(p.coords):
+                space.load_into(work, theta + float(a) * dirs[0] + float(b) * dirs[1])
+                plane[i] = api.evaluate(work, data, loss_fn, bn_mode=bn_mode, batch_size=batch_size, device=dev)["loss"]
+                bar.update()
+            out |= {f"{pre}proj_{split}_loss": loss, f"{pre}proj_plane_{split}_loss": plane}
+            if np.isfinite(acc).any():
+                out[f"{pre}proj_{split}_acc"] = acc
+    finally:
+        bar.close()
+    return out
+
+
+def figure(runs: str | Path | Sequence[str | Path], out_png: str | Path, data: Any = None, *,
+           surface_out: str | Path | None = None, res: int = 31, progress: bool = True, **options: Any) -> Path:
+    """Li et al.'s Figure 9 for a report: the paths of ``runs`` (one run, or several with the same
+    initial weights: each in its own colour) over the contour map of their PCA surface.
+
+    The surface is computed into ``surface_out`` (default: ``out_png`` with ``.h5``), or resumed, or
+    reused when complete; ``options`` go to ``surface`` (``samples``, ``device``, ``range``...).
+    Returns the path of the picture.
+    """
+    from fastland.viz import trajectory as viz
+
+    out_png = Path(out_png)
+    s = surface(runs, data, res=res, out=Path(surface_out) if surface_out else out_png.with_suffix(".h5"),
+                progress=progress, **options)
+    return viz.path_png(s, out_png)
+
+
+# --- the command line --------------------------------------------------------------------------
+CLI_DOC = """\
+Optimizer trajectories on the loss landscape (Li et al. 2018, Section 7).
+
+The checkpoints a run saved (epoch_XXX.pt, step_XXXXXXX.pt from --save-every, final.pt) give
+PCA directions: the top two principal components of θ_i − θ_final. The loss is evaluated on a
+grid on that plane around the final weights, each checkpoint is evaluated as it is, and the
+path is drawn over the surface: a contour map with a marker per epoch and axes labelled with
+the explained variance (Li et al.'s Figure 9), a 3-D render with the path as a tube (needs
+PyVista), and an animation of training with the loss curve beside it.
+
+Several run folders that start from the same initial weights (the same --model and --seed,
+e.g. Adam and SGD) share one basis and appear on one picture, each path in its own colour.
+
+    python -m fastland.train --model lenet --epochs 10 --save-every 50 --out runs/adam
+    python -m fastland.trajectory runs/adam
+    python -m fastland.trajectory runs/adam runs/sgd --res 41
+
+The surface file (HDF5) is a fastland surface file, resumable like any other, that also holds
+the paths under Li et al.'s names (proj_xcoord, proj_ycoord, explained_variance_ratio_...), so
+their plot_2D.py reads it.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m fastland.trajectory`` options: the surface CLI's data, grid and evaluation groups."""
+    from fastland import surface as surface_cli
+    from fastland.directions import IGNORES
+
+    p = ArgumentParser(prog="python -m fastland.trajectory", description=CLI_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders written by python -m fastland.train (at least 3 checkpoints each); several "
+                        "must start from the same initial weights and then share one PCA basis, centred on the "
+                        "first one's final weights")
+    g = p.add_argument_group("PCA")
+    g.add_argument("--ignore", default="biasbn", choices=IGNORES,
+                   help="biasbn (default, as Li et al.): biases and BN parameters (tensors with <= 1 dimension) take "
+                        "no part in the PCA and stay at the final weights' values on the plane; none: every "
+                        "parameter takes part")
+    g.add_argument("--margin", type=float, default=0.2,
+                   help="without --range, the grid spans the paths plus this fraction of their extent on each side "
+                        "(default 0.2), its shorter side widened to half of the longer one")
+    surface_cli.add_data_args(p, data_default=None,
+                              data_help="cifar10, synthetic, auto or imagefolder:PATH (as python -m fastland.surface); "
+                                        "default: what the first run was trained on (its config.json)")
+    surface_cli.add_grid_args(p, "XMIN XMAX [YMIN YMAX] on the PCA axes (y defaults to x's range); default: the "
+                                 "paths' extent plus --margin (Li et al. plot at the path's scale, not at ±1)")
+    surface_cli.add_evaluation_args(p)
+    g = surface_cli.add_output_args(p, "surface file (default surfaces/trajectory-RUNS-SPLITN-NXxNY.h5); the pictures "
+                                       "go beside it: PREFIX_path.png (contour map and paths), PREFIX_path_3d.png "
+                                       "(3-D, with PyVista) and PREFIX_path.gif (the animation)")
+    g.add_argument("--animation", default="gif", choices=ANIMATIONS,
+                   help="the animation of training: gif (default; Pillow), mp4 (needs ffmpeg) or none")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Bad options as one line, before any checkpoint is read."""
+    from fastland import api
+    from fastland import data as data_mod
+    from fastland import surface as surface_cli
+
+    nx = args.xres if args.xres is not None else args.res
+    ny = args.yres if args.yres is not None else args.res
+    for name, n in (("--res/--xres", nx), ("--res/--yres", ny)):
+        if n < 2:
+            raise UserError(f"{name} must be at least 2, got {n}")
+    args.nx, args.ny = nx, ny
+    if args.range is not None:
+        if len(args.range) not in (2, 4):
+            raise UserError(f"--range takes XMIN XMAX or XMIN XMAX YMIN YMAX, got {len(args.range)} numbers")
+        api._grid(2, (nx, ny), args.range)  # finite, increasing
+    if not (args.margin >= 0 and math.isfinite(args.margin)):
+        raise UserError(f"--margin must be a number >= 0, got {args.margin}")
+    surface_cli.check_evaluation_args(args)
+    if args.data is not None:
+        data_mod.check_spec(args.data)
+    data_mod.parse_samples(args.samples)
+    if args.animation == "mp4":
+        from matplotlib import animation
+
+        if not animation.FFMpegWriter.isAvailable():
+            raise UserError("--animation mp4 needs ffmpeg, which is not installed; use --animation gif, or install "
+                            "ffmpeg (apt-get install ffmpeg)")
+    from fastland import files
+
+    files.check_memory(nx * ny * 41, f"a {nx}x{ny} grid", "use a smaller --res")
+
+
+def default_out(runs: Sequence[Path], split: str, samples: int, nx: int, ny: int) -> Path:
+    """``surfaces/trajectory-RUNS-SPLITN-NXxNY.h5``, RUNS the run folders' names joined by ``+``."""
+    from fastland.train import slug
+
+    names = "+".join(slug(str(r)) for r in runs)
+    if len(names) > 80:
+        names = f"{names[:60]}+{len(runs) - 1}more"
+    return Path("surfaces") / f"trajectory-{names}-{split}{samples}-{nx}x{ny}.h5"
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The whole command: PCA, data, the surface (``surface``), pictures, summary."""
+    from fastland import data as data_mod
+    from fastland import device as device_mod
+    from fastland import files
+    from fastland import surface as surface_cli
+
+    _check_args(args)
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        _candidates(r)  # a missing or unfinished folder: one line before anything else
+    spec = args.data or run_data(runs[0])
+    dev = device_mod.resolve(args.device)
+    samples = args.samples if args.samples is not None else (
+        surface_cli.DEFAULT_CUDA_SAMPLES if dev.type == "cuda" else surface_cli.DEFAULT_CPU_SAMPLES)
+    if args.out is None:
+        n = data_mod.parse_samples(samples)
+        out = default_out(runs, args.split, n if n is not None else 0, args.nx, args.ny)
+    else:
+        out = Path(args.out)
+    files.check_output_file(out)  # before the PCA and the evaluation
+    traj = pca(runs, ignore=args.ignore)
+    evalset = data_mod.load(spec, args.split, samples, seed=args.sample_seed, device=dev)
+    if args.out is None and args.samples is None:
+        out = default_out(runs, args.split, len(evalset), args.nx, args.ny)
+    result = surface(traj, evalset, None if args.loss == "auto" else args.loss, res=(args.nx, args.ny),
+                     range=args.range, margin=args.margin, bn_mode=args.bn_mode, out=out, device=dev,
+                     precision=args.precision, batch_size=args.batch_size, engine=args.engine, strategy=args.strategy,
+                     overwrite=args.overwrite, chunk=args.chunk)
+    outputs = [] if args.no_render else render(result, out, args.animation)
+    summary(traj, result, out, outputs)
+    return out
+
+
+def render(result: Any, path: Path, animation: str = "gif") -> list[Path]:
+    """The trajectory pictures beside the surface file: ``_path.png``, ``_path_3d.png`` (PyVista; skipped,
+    with a line saying so, without it) and ``_path.gif``/``.mp4``."""
+    from fastland.viz import trajectory as viz
+
+    prefix = str(path.with_suffix(""))
+    outputs = [viz.path_png(result, prefix + "_path.png")]
+    try:
+        from fastland.viz import render as viz_render
+    except ImportError:
+        print("PyVista is not installed: the 3-D picture is skipped (install the viz extra: pip install -e .[viz])")
+    else:
+        outputs.append(viz_render.path_screenshot(result, prefix + "_path_3d.png"))
+    if animation != "none":
+        outputs.append(viz.animate(result, f"{prefix}_path.{animation}"))
+    return outputs
+
+
+def summary(traj: Trajectory, s: Any, path: Path, outputs: list[Path]) -> None:
+    """A one-screen report: the PCA, each run's path (length, start to end, off the plane, loss), the grid."""
+    from fastland import api
+
+    a, ratio = s.attrs, traj.explained_variance_ratio
+    split = s.split
+    runs = f"{len(traj.paths)} runs on one PCA basis" if len(traj.paths) > 1 else "one run"
+    lines = ["", f"trajectory  {path}  ({traj.model}; {runs}; {a.get('data_name', a.get('data_source'))} {split}, "
+                 f"{a.get('samples')} samples; bn_mode {a.get('bn_mode')})",
+             f"PCA         {traj.rows} difference vectors; 1st PC {100 * ratio[0]:.2f} %, 2nd PC {100 * ratio[1]:.2f} % "
+             f"of the variance ({100 * ratio.sum():.2f} % together); {len(traj.included)} of {len(traj.space.names)} "
+             f"parameter tensors take part (--ignore {traj.ignore})"]
+    if a.get("data_warning"):
+        lines.append(f"note        {a['data_warning']}")
+    labels = json.loads(str(a.get("pca_labels", "[]"))) or traj.labels()
+    width = max(len(t) for t in labels)
+    lines.append(f"{'run':<{width + 2}}  points  length    start→end  off plane (max)     {split} loss first → last")
+    for k, (p, label) in enumerate(zip(traj.paths, labels, strict=False)):
+        loss = s.extras.get(f"{run_prefix(k)}proj_{split}_loss")
+        first_last = f"{loss[0]:.4g} → {loss[-1]:.4g}" if loss is not None else "-"
+        off = float(p.residual.max())
+        share = f" ({100 * off / p.distance:.0f} % of it)" if p.distance > 0 else ""
+        lines.append(f"  {label:<{width}}  {len(p.files):>6}  {p.length:<9.4g} {p.distance:<10.4g} "
+                     f"{off:<.3g}{share:<13}  {first_last}")
+    loss = np.where(s.done == 1, s.loss, np.nan)
+    if np.isfinite(loss).any():
+        j, i = divmod(int(np.nanargmin(np.where(np.isfinite(loss), loss, np.inf))), len(s.x))
+        lines.append(f"surface     {len(s.x)}x{len(s.y)} grid on [{s.x[0]:.3g}, {s.x[-1]:.3g}] x [{s.y[0]:.3g}, "
+                     f"{s.y[-1]:.3g}]; minimum loss {loss[j, i]:.4g} at ({s.x[i]:+.3g}, {s.y[j]:+.3g}); "
+                     f"{int(s.done.sum()):,}/{s.done.size:,} points done")
+    elapsed = float(a.get("last_run_seconds", 0.0))
+    lines.append(f"time        {api.fmt_time(elapsed)} this run; {api.fmt_time(float(a.get('wall_time', elapsed)))} in total")
+    lines += [f"wrote       {p}" for p in outputs]
+    print("\n".join(lines))
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,15 @@
-"""Trajectory PCA: agrees with a plain numpy SVD (in RAM and disk-backed), recovers a planar path
-exactly, shares one basis across runs with the same initial weights, refuses bad input in one line."""
+"""Trajectories: the PCA agrees with a plain numpy SVD (in RAM and disk-backed), recovers a planar path
+exactly and shares one basis across runs with the same initial weights; the surface on it shows the
+checkpoints' own losses where they lie on the plane; the file reads as Li et al.'s plot_2D.py reads
+it; the CLI works on a real fastland.train run, resumes, draws its pictures, and refuses bad input
+in one line."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +17,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import fastland
+import fastland.data
 from fastland import models, trajectory
 from fastland.errors import UserError
 from fastland.params import FlatSpace
@@ -238,22 +246,32 @@ def test_h5_fields_read_as_li_et_al(tmp_path: Path) -> None:
         assert f["proj_xcoord"][-1] == 0 and f["proj_ycoord"][-1] == 0
         assert f["explained_variance_ratio_"][0] == traj.explained_variance_ratio[0]
         np.testing.assert_array_equal(f["proj_step"][:], traj.paths[0].steps)
-        np.testing.assert_array_equal(f["run1/proj_xcoord"][:], traj.paths[1].coords[:, 0])
+        np.testing.assert_array_equal(f["run1_proj_xcoord"][:], traj.paths[1].coords[:, 0])
+        np.testing.assert_array_equal(f["run1_proj_epoch_end"][:], traj.paths[1].epoch_end)
+        np.testing.assert_array_equal(f["proj_residual"][:], traj.paths[0].residual)
         assert [s.decode() for s in f["pca_included"][:]] == list(traj.included)
         assert f["proj_checkpoint"][-1].decode() == "final.pt"
-        assert f.attrs["pca_ignore"] == "biasbn" and json.loads(f.attrs["pca_runs"]) == [str(tmp_path / "a"),
-                                                                                          str(tmp_path / "b")]
+        assert f.attrs["pca_ignore"] == "biasbn" and json.loads(f.attrs["pca_runs"]) == [
+            str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())]
+        assert json.loads(f.attrs["pca_labels"]) == ["a", "b"]  # config.json names no optimizer here
 
 
-def test_trained_run_end_to_end(tmp_path: Path) -> None:
-    """A real (tiny) fastland.train run: 3 epochs of 4 steps, epoch_000.pt (the initial weights) where
-    training saves it, step_XXXXXXX.pt every 2 steps where it has --save-every, final.pt (= epoch_003.pt)."""
-    extra = {"save_every": 2} if "save_every" in {f.name for f in fields(TrainConfig)} else {}
-    cfg = TrainConfig(model="lenet", data="synthetic", samples="128", epochs=3, batch=32, device="cpu", **extra)
-    train(cfg, tmp_path / "run", progress=False)
-    traj = trajectory.pca(tmp_path / "run", progress=False)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real fastland.train run: LeNet on 128 synthetic images, 3 epochs of 4 steps, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("trained") / "adam"
+    train(TrainConfig(model="lenet", data="synthetic", samples="128", epochs=3, batch=32, device="cpu", save_every=2),
+          out, progress=False)
+    return out
+
+
+def test_trained_run_end_to_end(trained: Path) -> None:
+    """A real (tiny) fastland.train run (the ``trained`` fixture): 3 epochs of 4 steps, epoch_000.pt (the
+    initial weights), step_XXXXXXX.pt every 2 steps (--save-every), final.pt (= epoch_003.pt)."""
+    extra = {"save_every": 2}
+    traj = trajectory.pca(trained, progress=False)
     path = traj.paths[0]
-    init = (tmp_path / "run" / "epoch_000.pt").exists()
+    init = (trained / "epoch_000.pt").exists()
     steps = ([0] if init else []) + (list(range(2, 13, 2)) if extra else [4, 8, 12])
     assert path.steps.tolist() == steps
     names = {0: "epoch_000.pt", 4: "epoch_001.pt", 8: "epoch_002.pt", 12: "final.pt"}
@@ -378,3 +396,241 @@ def test_disk_buffer_needs_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         trajectory.pca(run, memory_budget=0, progress=False)
     _one_line(e, "temporary disk space", "TMPDIR")
 
+
+
+# --- the surface on the PCA plane, its file, its pictures, the CLI ----------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _planar_run(folder: Path, biases_wander: bool) -> tuple[Path, list[torch.Tensor]]:
+    """A LeNet (no BN: no running statistics) run whose checkpoints lie exactly on a plane through
+    its final weights, θ_i = θ_n + α_i a + β_i b with a, b orthonormal over every parameter; with
+    ``biases_wander`` the biases (left out by ignore=biasbn) also move, off that plane."""
+    space = _space("lenet")
+    theta_n = space.flatten(models.randomized("lenet", seed=7))
+    gen = torch.Generator().manual_seed(8)
+    basis = torch.linalg.qr(torch.randn(space.numel, 2, generator=gen, dtype=torch.float64))[0].T
+    t = np.linspace(0, 1, 7)
+    ab = 20 * np.stack([np.cos(2.0 * t) * (1 - t), np.sin(3.0 * t) * (1 - t) + 0.4 * t * (1 - t)], 1)
+    small = ~_included_mask(space, "biasbn")
+    thetas = []
+    for i in range(len(t)):
+        theta = theta_n.double() + torch.from_numpy(ab[i]) @ basis
+        if biases_wander and i < len(t) - 1:
+            theta[small] += 0.3 * torch.randn(int(small.sum()), generator=gen, dtype=torch.float64)
+        thetas.append(theta.float())
+    return _write_run(folder, thetas, name="lenet"), thetas
+
+
+def _corner(value: float, lo: float) -> int:
+    return 0 if value == lo else -1
+
+
+def test_surface_matches_the_checkpoint_losses_on_the_plane(tmp_path: Path) -> None:
+    """Every checkpoint of a planar run IS its projected point, so the loss the surface shows there
+    equals the loss recorded at the checkpoint: at grid nodes placed on two checkpoints, and at every
+    checkpoint through ``proj_plane_train_loss``. Where the biases leave the plane (ignore=biasbn), the
+    two differ: the comparison can fail."""
+    from fastland.data import load
+
+    data = load("synthetic", "train", 64, seed=0)
+    run, thetas = _planar_run(tmp_path / "planar", biases_wander=False)
+    traj = trajectory.pca(run, ignore="none", progress=False)
+    assert traj.paths[0].residual.max() < 1e-5 * np.abs(traj.paths[0].coords).max()
+    # Two checkpoints on opposite corners of a 3x3 grid.
+    (xa, ya), (xb, yb) = traj.paths[0].coords[1], traj.paths[0].coords[4]
+    rng = (min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb))
+    surf = trajectory.surface(traj, data, res=3, range=rng, progress=False)
+    ex = surf.extras
+    want = [fastland.evaluate(_model_at("lenet", th), data)["loss"] for th in thetas]
+    np.testing.assert_allclose(ex["proj_train_loss"], want, rtol=1e-5)  # each checkpoint as it is
+    np.testing.assert_allclose(ex["proj_plane_train_loss"], ex["proj_train_loss"], rtol=1e-4)
+    for i, (x, y) in ((1, (xa, ya)), (4, (xb, yb))):
+        node = surf.loss[_corner(y, rng[2]), _corner(x, rng[0])]
+        assert node == pytest.approx(ex["proj_train_loss"][i], rel=1e-4), i
+    assert np.ptp(ex["proj_train_loss"]) > 0.05  # the path climbs: equal values are no accident
+    assert surf.attrs["direction"] == "pca" and surf.attrs["ignore"] == "none" and surf.attrs["norm"] == "none"
+
+    # Biases off the plane: the surface (with the final biases) no longer shows the checkpoints' losses.
+    run2, _ = _planar_run(tmp_path / "wander", biases_wander=True)
+    ex2 = trajectory.surface(run2, data, res=2, ignore="biasbn", progress=False).extras
+    assert ex2["proj_residual"].max() == pytest.approx(0, abs=1e-4)  # on the plane of the included parameters
+    gap = np.abs(ex2["proj_plane_train_loss"] - ex2["proj_train_loss"])
+    assert gap[-1] < 1e-5 and gap[:-1].max() > 1e-2
+
+
+def _model_at(name: str, theta: torch.Tensor) -> torch.nn.Module:
+    model = models.create(name)
+    FlatSpace(model).load_into(model, theta)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cli_run(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``python -m fastland.trajectory`` on it, in-process, with its pictures; the data from its config."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("traj") / "t.h5"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        trajectory.main([str(trained), "--res", "5", "--samples", "32", "--device", "cpu", "--out", str(out)])
+    return out, stdout.getvalue()
+
+
+def test_cli_end_to_end_on_a_trained_run(trained: Path, cli_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import run_main
+
+    out, stdout = cli_run
+    s = fastland.load(out)
+    steps = [0, 2, 4, 6, 8, 10, 12]
+    assert s.extras["proj_step"].tolist() == steps
+    assert s.extras["proj_epoch_end"].tolist() == [1, 0, 1, 0, 1, 0, 1]
+    assert s.extras["proj_xcoord"][-1] == 0 and s.extras["proj_ycoord"][-1] == 0
+    assert s.attrs["data_source"] == "synthetic" and s.attrs["samples"] == 32  # the run's data (config.json)
+    assert s.loss.shape == (5, 5) and s.done.all() and np.isfinite(s.loss).all()
+    final, _, _ = models.load_checkpoint(trained / "final.pt")
+    data = fastland.data.load("synthetic", "train", 32, seed=0)
+    want = fastland.evaluate(final, data, batch_size=128)
+    assert s.extras["proj_train_loss"][-1] == pytest.approx(want["loss"], rel=1e-5)
+    assert s.extras["proj_train_acc"][-1] == pytest.approx(want["accuracy"])
+    # The surface's centre is the final model: its plane loss there is the final loss.
+    assert s.extras["proj_plane_train_loss"][-1] == pytest.approx(want["loss"], rel=1e-5)
+    ratio = s.extras["explained_variance_ratio_"]
+    for line in (f"1st PC {100 * ratio[0]:.2f} %", "adam", "length", "start→end", "7 ", f"wrote       {out.with_suffix('')}_path.png"):
+        assert line in stdout, line
+    pictures = ["_path.png", "_path.gif"] + (["_path_3d.png"] if _has_pyvista() else [])
+    for suffix in pictures:
+        assert (out.parent / f"t{suffix}").stat().st_size > 20_000, suffix
+    with Image.open(out.parent / "t_path.gif") as gif:
+        assert gif.n_frames == len(steps) and gif.size == (1300, 560)
+
+    # Resumable like any surface: points lost from the file are evaluated again, to the same values.
+    with h5py.File(out, "r+") as f:
+        f["done"][3:, :] = 0
+        f["train_loss"][3:, :] = np.nan
+    code, again, err = run_main(trajectory.main, [str(trained), "--res", "5", "--samples", "32", "--device", "cpu",
+                                                  "--out", str(out), "--no-render"], capsys)
+    assert code == 0, err
+    assert "10 to evaluate (resuming)" in again
+    np.testing.assert_allclose(fastland.load(out).loss, s.loss, rtol=1e-6)
+    # Other settings are refused in one line; --overwrite replaces.
+    code, _, err = run_main(trajectory.main, [str(trained), "--res", "4", "--samples", "32", "--device", "cpu",
+                                              "--out", str(out), "--no-render"], capsys)
+    assert code == 2 and "other settings" in err and "--overwrite" in err and err.count("\n") == 1
+
+
+def _has_pyvista() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyvista") is not None
+
+
+def test_file_reads_as_li_et_al_plot_2D(cli_run: tuple[Path, str]) -> None:
+    """The reads of plot_2D.plot_contour_trajectory (tomgoldstein/loss-landscape), with this one file as
+    its surf_file, dir_file and proj_file and surf_name='train_loss', drawing into a matplotlib figure."""
+    from matplotlib.figure import Figure
+
+    out, _ = cli_run
+    f = h5py.File(out, "r")
+    x = np.array(f["xcoordinates"][:])
+    y = np.array(f["ycoordinates"][:])
+    X, Y = np.meshgrid(x, y)
+    Z = np.array(f["train_loss"][:])
+    ax = Figure().subplots()
+    ax.contour(X, Y, Z, levels=np.arange(0.1, 10, 0.5))
+    pf = h5py.File(out, "r")
+    # Their plt.plot(pf['proj_xcoord'], ...) hands matplotlib the h5py datasets, which matplotlib >= 3.x
+    # indexes with None, which h5py refuses, whatever the file; read as arrays, it is the same call.
+    (line,) = ax.plot(pf["proj_xcoord"][:], pf["proj_ycoord"][:], marker=".")
+    df = h5py.File(out, "r")
+    ratio_x = df["explained_variance_ratio_"][0]
+    ratio_y = df["explained_variance_ratio_"][1]
+    ax.set_xlabel("1st PC: %.2f %%" % (ratio_x * 100))  # noqa: UP031 - their code, as written
+    assert len(line.get_xdata()) == 7 and line.get_xdata()[-1] == 0
+    assert 0 < ratio_y <= ratio_x <= 1 and Z.shape == (len(y), len(x))
+    assert np.all((x[0] <= line.get_xdata()) & (line.get_xdata() <= x[-1]))  # the grid covers the path
+    for h in (f, pf, df):
+        h.close()
+
+
+def test_several_runs_on_one_picture(tmp_path: Path) -> None:
+    """Runs with the same initial weights share one basis; each path is drawn in its own colour, with
+    its label in the legend, on the map, in 3-D and in the animation."""
+    from fastland.data import load
+    from fastland.viz import trajectory as viz
+
+    space = _space("lenet")
+    a = _curved_path(space, 4, seed=20)
+    b = _curved_path(space, 3, seed=21, start=a[0])
+    run_a, run_b = _write_run(tmp_path / "adam", a, name="lenet"), _write_run(tmp_path / "sgd", b, name="lenet")
+    for run, opt in ((run_a, "adam"), (run_b, "sgd")):
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(cfg | {"optimizer": opt, "lr": 0.01}))
+    png = tmp_path / "fig" / "both.png"
+    got = trajectory.figure([run_a, run_b], png, load("synthetic", "train", 16, seed=0), res=3, progress=False)
+    assert got == png and png.with_suffix(".h5").is_file()
+    s = fastland.load(png.with_suffix(".h5"))
+    runs = viz.traces(s)
+    assert [r.label for r in runs] == ["adam (adam, lr 0.01)", "sgd (sgd, lr 0.01)"]
+    assert len(runs[0].coords) == 5 and len(runs[1].coords) == 4
+    np.testing.assert_allclose(runs[0].coords[0], runs[1].coords[0], atol=1e-9)  # the shared start
+    assert np.isfinite(runs[1].loss).all() and np.isfinite(runs[1].plane_loss).all()
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    for color in viz.COLORS[:2]:
+        rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(image - rgb).sum(-1) < 30).sum() > 200, color  # each path's colour is on the map
+    gif = viz.animate(s, tmp_path / "both.gif")
+    with Image.open(gif) as im:
+        assert im.n_frames == len(set(runs[0].steps) | set(runs[1].steps))
+    if _has_pyvista():
+        from fastland.viz import render
+
+        shot = np.asarray(Image.open(render.path_screenshot(s, tmp_path / "both_3d.png", size=(640, 360))).convert("RGB"))
+        assert shot.shape == (360, 640, 3)
+        orange = np.array([255, 140, 0])
+        assert (np.abs(shot.astype(int) - orange).sum(-1) < 120).sum() > 50  # the first run's tube
+    with pytest.raises(UserError) as e:
+        viz.path_png(fastland.surface(models.create("lenet"), load("synthetic", "train", 8), res=2, progress=False),
+                     tmp_path / "x.png")
+    _one_line(e, "no trajectory", "fastland.trajectory")
+
+
+# --- bad input through the real command line: one line, exit 2 ---------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastland.trajectory", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    few = _write_run(tmp_path / "few", _curved_path(_space(), 2, seed=0)[1:], names=["epoch_001.pt", "epoch_002.pt"],
+                     steps=[5, 10])
+    lenet_bn = _write_run(tmp_path / "bn", _curved_path(_space(), 3, seed=0))
+    lenet = _write_run(tmp_path / "plain", _curved_path(_space("lenet"), 3, seed=0), name="lenet")
+    other_init = _write_run(tmp_path / "other", _curved_path(_space(), 3, seed=1))
+    cases = [
+        ([str(few)], ["2 distinct checkpoint(s)", "at least 3", "--save-every"]),
+        ([str(lenet_bn), str(lenet)], ["one model"]),
+        ([str(lenet_bn), str(other_init)], ["different initial weights", "same --model and --seed"]),
+        ([str(tmp_path / "missing")], ["does not exist", "fastland.train"]),
+        ([str(lenet_bn), "--range", "1", "0"], ["increasing"]),
+    ]
+    for args, words in cases:
+        r = _cli(*args, "--data", "synthetic", "--samples", "8", "--device", "cpu", "--out", str(tmp_path / "o.h5"))
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        for w in words:
+            assert w in r.stderr, (w, r.stderr)
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = trajectory.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 15, action.dest
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--res", "--samples", "--data", "--split", "--bn-mode", "--device", "--out", "--overwrite",
+                   "--no-render", "--range", "--ignore", "--animation", "RUN_DIR", "plot_2D.py"):
+        assert option in text, option

@@ -39,6 +39,7 @@ from fastland.surfacefile import Surface, read
 from .headless import ensure_offscreen
 from .outputs import SCREENSHOT_FORMATS, SCREENSHOT_TYPES, check_size, replacing, write_bytes
 from .prepare import Scaled, View, check_memory, scaled, shared_clim, spans_decades, ticks, title, warning
+from .trajectory import RunTrace
 
 # VTK's built-in fonts have no Greek letters; matplotlib ships DejaVu Sans, which does.
 FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
@@ -78,13 +79,15 @@ class _Box:
 
 
 def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple[float, float] | None = None,
-                  scalar_bar: bool = True, panel: int = 0, web: bool = False) -> Scaled:
+                  scalar_bar: bool = True, panel: int = 0, web: bool = False,
+                  axis_names: tuple[str, str] = ("α", "β")) -> Scaled:
     """Draw ``surface`` into the active renderer of ``plotter``; return what was drawn.
 
     ``clim`` fixes the colour and height range (shared across compared panels); by default it
     is the surface's own, robustly clipped range. ``panel`` keeps the actor names of compared
     panels apart (PyVista replaces actors, and merges scalar bars, by name). ``web`` builds the
     scene for vtk.js (see the module's docstring): no 2-D text, which the page carries instead.
+    ``axis_names`` label the two grid axes (a trajectory's: its principal components).
     """
     check_memory([surface])
     s = scaled(surface, view.quantity, view.log)
@@ -136,7 +139,7 @@ def add_landscape(plotter: pv.Plotter, surface: Surface, view: View, clim: tuple
         plotter.show_bounds(bounds=[box.x0, box.x1, box.y0, box.y1, 0.0, box.top], xtitle="α", ytitle="β",
                             ztitle="height", color="black")  # its ticks and titles are set by the page
     else:
-        _add_axes(plotter, box, s, px, panel)
+        _add_axes(plotter, box, s, px, panel, axis_names)
         _add_text(plotter, surface, s, hi, panel)
     return s
 
@@ -197,7 +200,8 @@ def best_text(surface: Surface, s: Scaled, quantity: str) -> str:
     return f"{word} {s.raw[j, i]:.4g} at α={surface.x[i]:.3g}, β={surface.y[j]:.3g}"
 
 
-def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) -> None:
+def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int,
+              axis_names: tuple[str, str] = ("α", "β")) -> None:
     """The box, α and β ticks along the front edges, and the loss axis on the left edge.
 
     VTK's axis actor picks its edges by itself and has no Greek letters or log axes, so only its
@@ -220,7 +224,8 @@ def _add_axes(plotter: pv.Plotter, box: _Box, s: Scaled, px: float, panel: int) 
     label = dict(font_file=FONT, text_color="black", shape=None, show_points=False, always_visible=True, bold=False)
     pad = 0.16 * box.span
     plotter.add_point_labels(
-        [((x0 + x1) / 2, y0 - pad, 0.0), (x0 - pad, (y0 + y1) / 2, 0.0)], ["α", "β"], font_size=font_size(plotter, 26),
+        [((x0 + x1) / 2, y0 - pad, 0.0), (x0 - pad, (y0 + y1) / 2, 0.0)], list(axis_names),
+        font_size=font_size(plotter, 26 if max(map(len, axis_names)) <= 2 else 18),
         name=f"axis_titles{panel}", **label,
     )
     out = np.array([-0.04 * box.span, 0.04 * box.span, 0.0])  # just outside the left edge
@@ -566,3 +571,78 @@ def render_outputs(surface_path: str | Path, out_prefix: str | Path, size: tuple
                    view: View | None = None) -> list[Path]:
     """Write every offscreen output of one surface file (see ``iter_outputs``); return the paths written."""
     return list(iter_outputs(surface_path, out_prefix, view, size))
+
+
+# --- trajectories ------------------------------------------------------------------------
+PATH_SUBDIVISIONS = 16  # points per segment when a path is draped over the surface
+
+
+def add_path(plotter: pv.Plotter, surface: Surface, s: Scaled, view: View, trace: RunTrace, color: str,
+             run: int = 0) -> None:
+    """Drape one run's path over the 3-D surface drawn by ``add_landscape`` (``s``): a tube that
+    follows the surface between the projected checkpoints, a sphere at each epoch's end and a cone
+    pointing down at the start."""
+    from .trajectory import values_at
+
+    box = _Box.around(surface, view, *s.clim)
+    lo, hi = s.clim
+    z = np.where(np.isfinite(s.z), s.z, hi)  # diverged and missing points are drawn at the top
+
+    def lifted(points: np.ndarray, lift: float) -> np.ndarray:
+        height = box.height(np.clip(values_at(surface.x, surface.y, z, points), lo, hi))
+        return np.c_[points, height + lift * box.top]
+
+    pts = trace.coords
+    t = np.linspace(0.0, 1.0, PATH_SUBDIVISIONS + 1)[1:]
+    dense = np.vstack([pts[:1], *(a + (b - a) * t[:, None] for a, b in zip(pts[:-1], pts[1:], strict=True))])
+    radius = 0.006 * box.span
+    plotter.add_mesh(pv.lines_from_points(lifted(dense, 0.012)).tube(radius=radius, n_sides=16), color=color,
+                     smooth_shading=True, specular=0.3, name=f"path{run}")
+    ends = pts[trace.epoch_end]
+    if len(ends):
+        balls = pv.PolyData(lifted(ends, 0.012)).glyph(geom=pv.Sphere(radius=2.2 * radius), scale=False, orient=False)
+        plotter.add_mesh(balls, color=color, smooth_shading=True, name=f"path_epochs{run}")
+    tip = lifted(pts[:1], 0.012)[0]
+    cone = pv.Cone(center=tip + (0, 0, 0.06 * box.top), direction=(0, 0, -1), height=0.12 * box.top,
+                   radius=4 * radius, resolution=24)
+    plotter.add_mesh(cone, color=color, smooth_shading=True, name=f"path_start{run}")
+
+
+def path_plotter(surface: Surface, view: View | None = None, size: tuple[int, int] = SIZE,
+                 off_screen: bool = True) -> pv.Plotter:
+    """A plotter with a trajectory surface and every run's path on it (see ``add_path``), axes
+    labelled with the explained variance, a legend of the runs, from the default camera."""
+    from .trajectory import COLORS_3D, axis_labels, traces
+
+    runs = traces(surface)
+    view = view or View(log=spans_decades(surface))
+    plotter = new_plotter(size, off_screen)
+    x_name, y_name = axis_labels(surface)
+    s = add_landscape(plotter, surface, view, axis_names=(x_name.replace(": ", " "), y_name.replace(": ", " ")))
+    for k, trace in enumerate(runs):
+        add_path(plotter, surface, s, view, trace, COLORS_3D[k % len(COLORS_3D)], k)
+    # The key, lower right: one line per run in its colour (VTK's legend actor scales its text to its
+    # box and clips long labels), then what the markers mean.
+    size = font_size(plotter, 17)
+    step = 2.1 * size / plotter.window_size[1]
+    keys = [(f"━━ {trace.label}", COLORS_3D[k % len(COLORS_3D)]) for k, trace in enumerate(runs)]
+    keys.append(("cone: start · spheres: ends of epochs", "dimgray"))
+    for k, (text, color) in enumerate(reversed(keys)):
+        actor = plotter.add_text(text, position=(0.99, 0.03 + k * step), viewport=True, font_size=size, color=color,
+                                 font_file=FONT, name=f"path_key{k}")
+        actor.GetTextProperty().SetJustificationToRight()  # its right end at the position
+    # Higher than the usual view, so that ridges in front hide less of the paths.
+    default_camera(plotter, elevation=55.0)
+    return plotter
+
+
+def path_screenshot(surface: Surface | str | Path, path: str | Path, view: View | None = None,
+                    size: tuple[int, int] | None = None) -> Path:
+    """Write the 3-D picture of a trajectory surface with every run's path as a tube on it (``path_plotter``).
+
+    ``size`` defaults to 1920x1080; the view to a log scale when the loss spans two decades.
+    """
+    surface = _surface(surface)
+    size = size or SIZE
+    check_size(size)
+    return _save(path_plotter(surface, view, size), Path(path))
