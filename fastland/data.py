@@ -462,6 +462,10 @@ def _decode(paths: list[str], folder: Path) -> np.ndarray:
         except OSError as err:
             raise UserError(f"imagefolder: cannot decode {path} ({one_line(err)}); remove or replace it") from None
         if out is None:
+            from fastland.files import check_memory  # the whole split is decoded into one array: refuse it up front
+
+            check_memory(len(paths) * a.size, f"decoding {len(paths):,} images of {a.shape[1]}x{a.shape[0]} in {folder}",
+                         "use a smaller image folder (all of a split is decoded, whatever --samples asks)")
             out = np.empty((len(paths), a.shape[2], a.shape[0], a.shape[1]), dtype=np.uint8)
         if a.shape[:2] != out.shape[2:]:
             raise UserError(f"imagefolder: {path} is {a.shape[1]}x{a.shape[0]}, but the first image is "

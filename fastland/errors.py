@@ -3,8 +3,9 @@
 This is the single place that decides what counts as a user error and how it prints:
 
 - ``UserError``: a mistake the user can fix; ``error: <message>``, exit 2.
-- ``OSError`` from the file system (disk full, read-only, permission denied, quota): the
-  user's to fix too; one line naming the file, exit 2.
+- ``OSError`` from the file system (disk full, read-only, permission denied, quota), and
+  HDF5's ``RuntimeError`` for a failed write, which carries the errno in its text: the user's
+  to fix too; one line naming the file, exit 2 (``write_error`` for callers that know the file).
 - Ctrl-C: one line saying that progress is saved, exit 130.
 - Anything else is a bug: one line with the exception, and the full traceback saved to a
   file whose path the line gives; exit 1.
@@ -15,16 +16,18 @@ Every CLI's ``main`` is wrapped in ``cli_entry``; every CLI parser is ``Argument
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import errno
 import functools
+import gc
 import os
 import re
 import sys
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -73,6 +76,61 @@ def os_error(err: OSError, what: str | None = None) -> UserError:
     return UserError(describe_os_error(err, what))
 
 
+# HDF5 reports a failed write(2) as a RuntimeError whose text (over two lines: it embeds a ctime)
+# holds "filename = '...', ... errno = 28, error message = '...'".
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+_HDF5_FILE = re.compile(r"filename = '([^']*)'")
+
+
+def file_system_error(err: BaseException) -> OSError | None:
+    """``err`` as an ``OSError`` with its errno when it is a file-system failure (an HDF5 write
+    error included); None otherwise."""
+    if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
+        return err
+    if isinstance(err, OSError | RuntimeError) and (m := _HDF5_ERRNO.search(str(err))):
+        code = int(m.group(1))
+        if code in _FS_ERRNOS:
+            name = _HDF5_FILE.search(str(err))
+            return OSError(code, os.strerror(code), name.group(1) if name else None)
+    return None
+
+
+def write_error(err: BaseException, path: object) -> UserError | None:
+    """One line for a failure to write ``path`` (a full disk...), or None if ``err`` is not a file-system error."""
+    fs = file_system_error(err)
+    return os_error(fs, str(path)) if fs is not None else None
+
+
+def _from_h5py(obj: object, tb: object) -> bool:
+    return "h5py" in repr(obj) or "h5py" in "".join(traceback.format_tb(tb))  # type: ignore[arg-type]
+
+
+def _quiet_unraisable(info: sys.UnraisableHookArgs) -> None:
+    """h5py objects freed after a failed write complain from ``__dealloc__`` (a traceback on stderr,
+    through ``sys.excepthook`` and then ``sys.unraisablehook``, that no one can act on); the failure
+    itself is reported in one line."""
+    if not _from_h5py(info.object, info.exc_traceback):
+        sys.__unraisablehook__(info)
+
+
+def _quiet_excepthook(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    if not _from_h5py(value, tb):
+        sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def quiet_h5py_dealloc() -> Iterator[None]:
+    """Mute h5py's ``__dealloc__`` tracebacks while a failing HDF5 file is written and freed (see
+    ``_quiet_unraisable``); every CLI has them muted (``cli_entry``)."""
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
+    try:
+        yield
+        gc.collect()  # free the failed file's objects now, while muted
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: object = None, line: str | None = None) -> None:
     """Warnings in a CLI read ``warning: ...``, without a source path and line."""
@@ -102,8 +160,8 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print("\ninterrupted: progress so far is saved; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if isinstance(exc, OSError) and (exc.errno in _FS_ERRNOS):
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+    if (fs := file_system_error(exc)) is not None:
+        print(f"error: {describe_os_error(fs)}", file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(exc, MemoryError):
         print("error: out of memory; use fewer --samples, a smaller --res or a smaller --batch-size", file=sys.stderr)
@@ -121,6 +179,7 @@ def cli_entry(main: F) -> F:
     @functools.wraps(main)
     def wrapper(*args: object, **kwargs: object) -> object:
         warnings.showwarning = _one_line_warning
+        sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
         try:
             return main(*args, **kwargs)
         except SystemExit:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastland.errors import UserError, one_line
+from fastland.errors import UserError, one_line, os_error
 
 _RESNETS = tuple(f"resnet{d}{v}" for d in (20, 56) for v in ("", "_noskip"))
 MODELS = ("lenet", "lenet_bn", "vgg16", "vgg16_bn", *(f"{r}{b}" for r in _RESNETS for b in ("", "_bn")))
@@ -207,14 +208,22 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def save_checkpoint(path: str | Path, name: str, model: nn.Module, meta: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (temp file + rename), so a crash never leaves half a file."""
+    """Write a checkpoint atomically (temp file + rename), so a crash never leaves half a file.
+
+    It is serialized in memory first, so that a failed write (a full disk) is an ``OSError``
+    naming ``path`` (one line, the temporary file removed) rather than torch's zip-writer error."""
+    from fastland import files
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise os_error(err, str(path.parent)) from None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
     torch.save({"model": name, "model_args": dict(model_args or {}), "state_dict": state, "meta": dict(meta or {}),
-                **(extra or {})}, tmp)
-    tmp.replace(path)
+                **(extra or {})}, buf)
+    files.write_bytes(path, buf.getbuffer())
     return path
 
 

@@ -17,6 +17,7 @@ lock, so a file can be looked at while it is being written.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fastland.errors import UserError, one_line, os_error
+from fastland import errors
+from fastland.errors import UserError, one_line
 
 # Attributes that define a surface: a resumed run must match all of them.
 SETTINGS = (
     "model", "model_sha256", "checkpoint_sha256", "data_source", "data_sha256", "split", "samples", "sample_seed",
     "loss", "dim", "xmin", "xmax", "nx", "ymin", "ymax", "ny", "direction", "direction_seed",
     "interpolation_target_sha256", "directions_sha256", "norm", "ignore", "bn_stats", "bn_mode", "bn_batch", "precision", "engine",
+    "data_mean", "data_std",  # the inputs' normalization (an image folder's comes from its train/ split)
 )
 ROW_SLAB = 1 << 20  # values per write when filling a new dataset
 
@@ -111,14 +114,27 @@ def size_estimate(nx: int, ny: int, metrics: int, numel: int, dims: int) -> int:
     return nx * ny * (8 * (1 + metrics) + 1) + dims * numel * 4 + (1 << 16)
 
 
+def _write_failure(err: BaseException, path: Path) -> UserError | None:
+    """One line for a failed write of ``path``: a file-system error (a full disk: HDF5 raises a
+    RuntimeError that names the errno) or an ``OSError`` from h5py; None for anything else (a bug)."""
+    failure = errors.write_error(err, path)
+    if failure is None and isinstance(err, OSError):
+        failure = UserError(f"cannot write {path}: {one_line(err)[:300]}")
+    return failure
+
+
 def create(path: Path, x: np.ndarray, y: np.ndarray | None, directions: list[dict[str, np.ndarray]],
            attrs: dict[str, Any], accuracy: bool = True, extras: dict[str, np.ndarray] | None = None) -> None:
-    """Create a fresh surface file with every dataset allocated (NaN values, done=0)."""
+    """Create a fresh surface file with every dataset allocated (NaN values, done=0).
+
+    It is written under a temporary name and renamed when complete; on a failure (a full disk)
+    the temporary file is removed and one line names ``path``."""
     shape = (len(x),) if y is None else (len(y), len(x))
     split = attrs["split"]
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    failure: UserError | None = None
     try:
-        with h5py.File(tmp, "w") as f:
+        with errors.quiet_h5py_dealloc(), h5py.File(tmp, "w") as f:
             f.create_dataset("xcoordinates", data=np.asarray(x, dtype=np.float64))
             if y is not None:
                 f.create_dataset("ycoordinates", data=np.asarray(y, dtype=np.float64))
@@ -134,12 +150,19 @@ def create(path: Path, x: np.ndarray, y: np.ndarray | None, directions: list[dic
             for k, v in attrs.items():
                 f.attrs[k] = _plain(v)
         tmp.replace(path)  # the file appears complete or not at all
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise os_error(err, str(path)) from None
+    except (OSError, RuntimeError) as err:
+        failure = _write_failure(err, path)
+        if failure is None:
+            tmp.unlink(missing_ok=True)
+            raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if failure is not None:
+        with errors.quiet_h5py_dealloc():
+            f = None  # noqa: F841 - the failed file's objects go now, while their complaints are muted
+        tmp.unlink(missing_ok=True)
+        raise failure
 
 
 def _open(path: Path, mode: str = "r") -> h5py.File:
@@ -222,8 +245,14 @@ class Writer:
             for r in runs:
                 self._put(self.done, flat_idx[r[0]], np.ones(len(r), dtype=np.uint8))
             self.f.flush()
-        except OSError as err:
-            raise os_error(err, str(self.path)) from None
+        except (OSError, RuntimeError) as err:
+            failure = _write_failure(err, self.path)
+            if failure is None:
+                raise
+        else:
+            return
+        self.close()  # the points flushed before stay done; this chunk is evaluated again on resume
+        raise failure
 
     def _put(self, dset: h5py.Dataset, start: int, values: np.ndarray) -> None:
         # A run of flat indices may span rows of a 2-D dataset: write row by row.
@@ -239,21 +268,35 @@ class Writer:
             pos += take
 
     def attrs(self) -> dict[str, Any]:
-        return {k: _norm(v) for k, v in self.f.attrs.items()}
+        """The file's attributes ({} once a failed write has closed it)."""
+        return {k: _norm(v) for k, v in self.f.attrs.items()} if self.f.id.valid else {}
 
     def finish(self, attrs: dict[str, Any]) -> None:
+        """Record the run's timing attributes and close. They are bookkeeping: when they cannot be
+        written (a full disk), a warning says so and the values, already flushed, stand."""
         try:
-            for k, v in attrs.items():
-                self.f.attrs[k] = _plain(v)
+            if self.f.id.valid:
+                for k, v in attrs.items():
+                    self.f.attrs[k] = _plain(v)
+        except (OSError, RuntimeError) as err:
+            failure = _write_failure(err, self.path)
+            if failure is None:
+                raise
+            import warnings
+
+            warnings.warn(f"{failure} (the run's timing attributes are not recorded; its values are)", stacklevel=2)
         finally:
             self.close()
 
     def close(self) -> None:
-        if self.f.id.valid:
-            try:
-                self.f.close()
-            except OSError:
-                pass  # a full disk at close: the values and done flags were flushed chunk by chunk
+        """Close the file; a failure here (a full disk) loses nothing: values and done flags were flushed
+        chunk by chunk."""
+        with errors.quiet_h5py_dealloc():
+            if self.f.id.valid:
+                try:
+                    self.f.close()
+                except (OSError, RuntimeError):
+                    pass
 
 
 def read(path: str | Path, directions: bool = False) -> Surface:

@@ -35,7 +35,7 @@ from fastland import api, files, losses, models, probes
 from fastland import data as data_mod
 from fastland import device as device_mod
 from fastland._callable import make_callable
-from fastland.errors import ArgumentParser, UserError, cli_entry
+from fastland.errors import ArgumentParser, UserError, cli_entry, os_error
 from fastland.losses import LossFn, Task
 from fastland.probes import ProbeConfig
 
@@ -174,12 +174,18 @@ class MetricsLog:
         files.write_text_atomic(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
 
     def write(self, row: list[float | int]) -> None:
-        self._writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
-        self._file.flush()
+        try:
+            self._writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
+            self._file.flush()
+        except OSError as err:  # a full disk: the rows before are kept (a torn last row is dropped on resume)
+            raise os_error(err, str(self.path)) from None
         self.rows += 1
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the row that could not be flushed was reported by write(); the rows before are on disk
 
 
 def _setup_probe(probe: ProbeConfig, cfg: TrainConfig, model: nn.Module, task: Task, out: Path, start_step: int,
@@ -271,7 +277,7 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
         losses.check_classes(int(model.eval()(x0).shape[1]), trainset.targets)
         model.train()
     cfg_path = out / "config.json"
-    cfg_dict = asdict(cfg) | {"data_source": trainset.source, "loss": task.name,
+    cfg_dict = asdict(cfg) | {"data_source": trainset.source, "data_sha256": trainset.fingerprint, "loss": task.name,
                               "init_sha256": _init_sha(model)}
     if cfg_path.exists():
         try:
@@ -285,6 +291,9 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
         if diff:
             raise UserError(f"{out} holds a run with another configuration ({diff[0]}: {old.get(diff[0])!r} there, "
                             f"{cfg_dict.get(diff[0])!r} now); pick another --out or delete it")
+    if not final.exists():  # room for the rest of the run, before writing anything
+        last = max((int(p.stem[6:]) for p in out.glob("epoch_*.pt") if p.stem[6:].isdigit()), default=0)
+        files.check_disk(out, run_size(cfg, model, math.ceil(len(trainset) / cfg.batch), last, probe), "--out", out)
     files.write_text_atomic(cfg_path, json.dumps(cfg_dict, indent=2) + "\n")
     if final.exists():
         if probe is not None and progress and not (out / "metrics.csv").exists():
@@ -303,9 +312,14 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
             raise UserError(f"{done[-1]} has no optimizer state, so the run cannot resume from it; delete it (and "
                             "later epochs) to resume from the one before, or choose another --out")
         models.load_state(model, ckpt["state_dict"], str(done[-1]))
-        opt.load_state_dict(ckpt["optimizer"])
-        meta = dict(ckpt["meta"])
-        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+            meta = dict(ckpt["meta"])
+            start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise UserError(f"{done[-1]} holds an optimizer state or epoch record this run cannot resume from "
+                            f"({type(err).__name__}: {str(err)[:120]}); delete it (and later epochs) to resume from the "
+                            "one before, or choose another --out") from None
         if progress and start_epoch:
             print(f"resuming {out} after epoch {start_epoch}")
     else:
@@ -325,7 +339,7 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
             model.train()
             order = epoch_order(n, cfg.seed, epoch, dev)
             bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-            loss_sum, correct, t0, probe_s = 0.0, 0, time.perf_counter(), 0.0
+            loss_sum, correct, seen, t0, probe_s = 0.0, 0, 0, time.perf_counter(), 0.0
             for b in range(steps):
                 idx = order[b * cfg.batch : (b + 1) * cfg.batch]
                 if idx.numel() < 2 and has_bn:
@@ -354,6 +368,7 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
                 opt.step()
                 step += 1
                 loss_sum += loss_value * len(idx)
+                seen += len(idx)
                 correct += hits
                 bar.update(loss_value)
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -361,8 +376,8 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
                                            meta_base | {"epoch": epoch + (b + 1) / steps, "step": step},
                                            model_args=cfg.model_args)
             bar.close()
-            meta = meta_base | {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / n,
-                                "train_acc": 100.0 * correct / n if task.accuracy else float("nan"),
+            meta = meta_base | {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                                "train_acc": 100.0 * correct / max(seen, 1) if task.accuracy else float("nan"),
                                 "epoch_seconds": time.perf_counter() - t0, "probe_seconds": probe_s}
             models.save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", name, model, meta,
                                    extra={"optimizer": opt.state_dict()}, model_args=cfg.model_args)
@@ -376,6 +391,24 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
             log.close()
     models.save_checkpoint(final, name, model, meta, model_args=cfg.model_args)
     return final
+
+
+def run_size(cfg: TrainConfig, model: nn.Module, steps: int, start_epoch: int, probe: ProbeConfig | None) -> int:
+    """Bytes the rest of a run writes: per epoch a checkpoint with the optimizer's state (Adam keeps
+    two tensors per parameter, SGD with momentum one), ``final.pt``, the ``--save-every`` step files
+    and the probe rows of ``metrics.csv``."""
+    overhead = 1 << 16  # torch's zip container, names, meta
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + overhead
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = 2 if cfg.optimizer == "adam" else int(cfg.momentum > 0)
+    epochs = max(0, cfg.epochs - start_epoch)
+    size = epochs * (state + slots * params) + state
+    if cfg.save_every:
+        size += epochs * steps // cfg.save_every * state
+    if probe is not None:
+        k = len(probe.etas) if probe.etas is not None else probe.count
+        size += epochs * steps // probe.every * (len(probes.BASE_COLUMNS) + 2 * k) * 24  # ~24 characters a value
+    return size
 
 
 def _init_sha(model: nn.Module) -> str:
@@ -465,16 +498,28 @@ def _run(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, trainset: data_
     """Train one run and plot its probes; a diverged run gets its plot too, then the error."""
     from fastland import trainplots  # matplotlib is only needed here
 
+    title = f"{cfg.model} ({cfg.optimizer}, lr {cfg.lr})"
     try:
         final = train(cfg, out, probe, trainset=trainset)
-    finally:
+    except BaseException:
         if probe is not None and (out / "metrics.csv").exists():
-            trainplots.plot_runs({cfg.model: out}, out / "smoothness.png", title=f"{cfg.model} ({cfg.optimizer}, lr {cfg.lr})")
+            _plot_after_failure(trainplots.plot_runs, {cfg.model: out}, out / "smoothness.png", title)
+        raise
+    if probe is not None and (out / "metrics.csv").exists():
+        trainplots.plot_runs({cfg.model: out}, out / "smoothness.png", title=title)
     meta = models.read_checkpoint(final)["meta"]
     note = f", probes -> {out / 'metrics.csv'}" if probe is not None else ""
     print(f"{cfg.model}: final train loss {meta.get('train_loss', float('nan')):.4f}, "
           f"acc {meta.get('train_acc', float('nan')):.1f}% -> {final}{note}")
     return final
+
+
+def _plot_after_failure(plot: Any, runs: dict[str, Path], path: Path, title: str) -> None:
+    """Plot what a failed run recorded; a failure to plot (the same full disk...) must not hide why the run stopped."""
+    try:
+        plot(runs, path, title=title)
+    except Exception:  # noqa: BLE001, S110 - the run's own error is the one to report
+        pass
 
 
 @cli_entry
@@ -491,9 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         models.create(cfg.model, **cfg.model_args)  # a bad model spec fails now, not after loading the data
     probe = probe_from_args(args)
     dev = device_mod.resolve(cfgs[0].device)
+    files.check_output_dir(args.out or "runs")  # before the data are loaded (a download, a folder decoded)
     trainset = data_mod.load(cfgs[0].data, "train", cfgs[0].samples, seed=cfgs[0].seed, device=dev)
-    if args.out:
-        files.check_output_dir(args.out)
     t0 = time.perf_counter()
     if args.compare is None:
         out = Path(args.out) if args.out else default_run_dir(cfgs[0].model, trainset.source)
@@ -503,14 +547,18 @@ def main(argv: list[str] | None = None) -> None:
 
         parent = Path(args.out) if args.out else Path("runs") / f"compare-{'-'.join(names)}-{trainset.source}"
         runs = {cfg.model: parent / slug(cfg.model) for cfg in cfgs}
+        title = f"{' vs '.join(names)} ({cfgs[0].optimizer}, lr {cfgs[0].lr})"
         try:
             for cfg in cfgs:
                 _run(cfg, runs[cfg.model], probe, trainset)
-        finally:
+        except BaseException:
             have = {m: d for m, d in runs.items() if (d / "metrics.csv").exists()}
             if probe is not None and have:
-                trainplots.plot_runs(have, parent / "smoothness.png",
-                                     title=f"{' vs '.join(names)} ({cfgs[0].optimizer}, lr {cfgs[0].lr})")
+                _plot_after_failure(trainplots.plot_runs, have, parent / "smoothness.png", title)
+            raise
+        have = {m: d for m, d in runs.items() if (d / "metrics.csv").exists()}
+        if probe is not None and have:
+            trainplots.plot_runs(have, parent / "smoothness.png", title=title)
         if probe is not None:
             print(f"comparison plot -> {parent / 'smoothness.png'}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
