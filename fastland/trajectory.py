@@ -9,7 +9,13 @@ Each checkpoint's coordinates are found by least squares; θ_n sits at (0, 0).
 
 ``pca(runs)`` does this for one run folder written by ``fastland.train``, or for several runs that
 start from the same initial weights (then one basis is fitted to all their rows about a common
-reference, the first run's ``final.pt``).
+reference, the first run's ``final.pt``). On top of it:
+
+- ``surface(runs, data)``: the loss on a grid on that plane around the reference (through
+  ``fastland.surface``, the same resumable HDF5 file), each checkpoint's own loss, and the paths,
+  under Li et al.'s names (``proj_xcoord``...; see ``Trajectory.h5_fields``);
+- ``figure(runs, out_png)``: Li et al.'s Figure 9 for a report (``fastland.viz.trajectory``);
+- ``python -m fastland.trajectory RUN_DIR [RUN_DIR ...]``: the command line (``CLI_DOC``).
 
 How (exact, bounded memory): each checkpoint is read once (``models.read_checkpoint``) and its
 row ``θ_i − θ_ref`` (included parameters only, fp32) is written to a row buffer, held in RAM when
@@ -821,6 +827,9 @@ PyVista), and an animation of training with the loss curve beside it.
 
 Several run folders that start from the same initial weights (the same --model and --seed,
 e.g. Adam and SGD) share one basis and appear on one picture, each path in its own colour.
+Biases and BN parameters (with --ignore biasbn) and BN running statistics stay at the final
+weights' values on the plane, so the surface under a checkpoint's point differs from that
+checkpoint's own loss unless it lies on the plane; the summary says how far each run strays.
 
     python -m fastland.train --model lenet --epochs 10 --save-every 50 --out runs/adam
     python -m fastland.trajectory runs/adam

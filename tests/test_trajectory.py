@@ -634,3 +634,54 @@ def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> N
     for option in ("--res", "--samples", "--data", "--split", "--bn-mode", "--device", "--out", "--overwrite",
                    "--no-render", "--range", "--ignore", "--animation", "RUN_DIR", "plot_2D.py"):
         assert option in text, option
+
+
+def test_resume_keeps_the_files_directions_and_refuses_another_trajectory(tmp_path: Path) -> None:
+    """Directions recomputed with another thread count differ in their last bits; a resumed file keeps
+    its own (and its range), so it resumes. Another run, or a checkpoint changed since, is one line."""
+    import dataclasses
+
+    from fastland.data import load
+
+    data = load("synthetic", "train", 16, seed=0)
+    space = _space("lenet")
+    thetas = _curved_path(space, 3, seed=30)
+    run = _write_run(tmp_path / "run", thetas, name="lenet")
+    out = tmp_path / "s.h5"
+    traj = trajectory.pca(run, progress=False)
+    first = trajectory.surface(traj, data, res=3, out=out, progress=False)
+    with h5py.File(out, "r+") as f:
+        f["done"][0, :] = 0
+    nudged = dataclasses.replace(traj, directions=traj.directions * (1 + 1e-7))
+    assert not torch.equal(nudged.directions, traj.directions)
+    again = trajectory.surface(nudged, data, res=3, out=out, progress=False)
+    assert again.done.all() and again.attrs["directions_sha256"] == first.attrs["directions_sha256"]
+    np.testing.assert_allclose(again.loss, first.loss, rtol=1e-6)
+
+    other = _write_run(tmp_path / "other", _curved_path(space, 3, seed=31), name="lenet")
+    with pytest.raises(UserError) as e:
+        trajectory.surface(other, data, res=3, out=out, progress=False)
+    _one_line(e, "other runs", "--overwrite")
+    changed = thetas[:1] + [thetas[1] + 0.5 * torch.randn(space.numel, generator=torch.Generator().manual_seed(1))]
+    _write_run(run, changed + thetas[2:], name="lenet")
+    with pytest.raises(UserError) as e:
+        trajectory.surface(run, data, res=3, out=out, progress=False)
+    _one_line(e, "other PCA directions", "--overwrite")
+    assert trajectory.surface(run, data, res=3, out=out, overwrite=True, progress=False).done.all()
+
+
+def test_cli_data_and_animation_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run trained on data given in Python needs --data; an .mp4 needs ffmpeg: one line each, before any work."""
+    from conftest import run_main
+    from matplotlib import animation
+
+    run = _write_run(tmp_path / "run", _curved_path(_space(), 3, seed=0))
+    (run / "config.json").write_text(json.dumps({"model": MODEL, "seed": 0, "data": "tensors"}))
+    code, _, err = run_main(trajectory.main, [str(run), "--out", str(tmp_path / "o.h5")], capsys)
+    assert code == 2 and "given in Python (tensors)" in err and "--data" in err and err.count("\n") == 1
+    (run / "config.json").write_text(json.dumps({"model": MODEL, "seed": 0, "data": "auto", "data_source": "synthetic"}))
+    assert trajectory.run_data(run) == "synthetic"  # auto, as it resolved when the run was trained
+    if not animation.FFMpegWriter.isAvailable():
+        code, _, err = run_main(trajectory.main, [str(run), "--animation", "mp4", "--out", str(tmp_path / "o.h5")], capsys)
+        assert code == 2 and "ffmpeg" in err and "--animation gif" in err
+    assert not (tmp_path / "o.h5").exists()

@@ -186,7 +186,8 @@ def _path_notes(surface: Surface, runs: list[RunTrace]) -> list[str]:
         out.append("points are the checkpoints projected onto the plane of the two principal components; distance "
                    f"off the plane: {'; '.join(far)}")
     if surface.attrs.get("pca_ignore") == "biasbn":
-        out.append("biases and BN parameters take no part (ignore=biasbn): on the map they are the final weights'")
+        out.append("biases and BN parameters take no part (ignore=biasbn): on the map they, and any BN running "
+                   "statistics, are the final weights'")
     return out
 
 
