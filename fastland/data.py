@@ -551,6 +551,7 @@ def _missing(root: Path) -> str:
 
 # --- synthetic ---------------------------------------------------------------------
 _SYNTH_SEED = {"train": 1_000, "test": 2_000}
+_SYNTH_VERSION = "v1"  # the generator below; change it whenever the generator changes (names the disk cache)
 _CHUNK = 5_000
 
 
@@ -570,11 +571,25 @@ def synthetic(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
     Each image is its class prototype under a random shift, contrast and brightness,
     blended with a random other class's prototype and Gaussian noise. Generated in
-    fixed chunks from fixed seeds, so it is identical on every machine.
+    fixed chunks from fixed seeds, so it is identical on every machine; kept in ``cache_dir()``.
     """
+    cached = cache_dir() / f"synthetic-{split}-{_SYNTH_VERSION}.npz"
+    try:
+        with np.load(cached) as z:
+            return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+    except (OSError, KeyError, ValueError):
+        pass  # not made yet (or damaged): make it, ~14 s for the training split
     n = SPLIT_SIZE[split]
     parts = [_synthetic_chunk(split, c0, min(_CHUNK, n - c0)) for c0 in range(0, n, _CHUNK)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images.numpy(), labels=labels.numpy())
+        tmp.replace(cached)
+    except OSError:
+        pass  # a cache only: the set is made again next time
+    return images, labels
 
 
 def _synthetic_chunk(split: str, c0: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,3 +122,9 @@ def test_torchvision_imports_next_to_this_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "CIFAR10"
+
+
+def test_synthetic_disk_cache_holds_what_the_generator_makes() -> None:
+    images, labels = data.synthetic("test")  # from the cache after the first call on this machine
+    fresh_x, fresh_y = data._synthetic_chunk("test", 5_000, 5_000)
+    assert torch.equal(images[5_000:], fresh_x) and torch.equal(labels[5_000:], fresh_y)
