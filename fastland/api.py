@@ -38,7 +38,7 @@ import fastland
 from fastland import data as data_mod
 from fastland import device as device_mod
 from fastland import directions as dir_mod
-from fastland import files, losses, models, surfacefile
+from fastland import distributed, files, losses, models, surfacefile
 from fastland.engine import PRECISIONS
 from fastland.engine import strategy as strategies
 from fastland.errors import UserError
@@ -53,8 +53,8 @@ BN_STATS = ("auto", "interpolate", "start")
 
 # --- shared setup ------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None or ``"auto"``: CUDA when present, else the CPU."""
-    return device_mod.resolve("auto" if device is None else str(device))
+    """None or ``"auto"``: CUDA when present, else the CPU (under torchrun: ``cuda:LOCAL_RANK``)."""
+    return device_mod.resolve(distributed.device_name(device))
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def surface(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, *,
             device: str | torch.device | None = None, precision: str = "auto", directions: Any = None,
             batch_size: int = 128, engine: str = "batched", strategy: str = "auto", overwrite: bool = False,
             progress: bool = True, chunk: int | None = None, attrs: Mapping[str, Any] | None = None,
-            extras: Mapping[str, np.ndarray] | None = None) -> Surface:
+            extras: Mapping[str, np.ndarray] | None = None, shard: bool | None = None) -> Surface:
     """The loss of ``model`` on ``data`` over a 1-D or 2-D grid around its weights θ (Li et al. 2018).
 
     ``f(α) = L(θ + α·δ)`` or ``f(α, β) = L(θ + α·δ + β·η)``, with ``res`` points per axis over
@@ -193,7 +193,12 @@ def surface(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, *,
     as they are). ``bn_mode='eval'`` uses BN's running statistics; ``'batch'`` normalizes each
     batch of ``batch_size`` with its own statistics. Returns a ``Surface`` (``x``, ``y``,
     ``loss``, ``metrics``, ``directions``, ``path``); the caller's model is never changed.
+
+    Under torchrun every rank calls this with the same arguments and gets the surface; the ranks
+    share the grid (``fastland.distributed``). ``shard=True`` gives each rank only its slice of
+    ``data`` (None: when the whole set does not fit a device).
     """
+    data = distributed.shard_data(data, shard, batch_size, device)
     evalset, task, dev = prepare(model, data, loss_fn, device, batch_size)
     _check_choice(norm, dir_mod.NORMS, "norm")
     _check_choice(ignore, dir_mod.IGNORES, "ignore")
@@ -313,6 +318,12 @@ def _run(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
     } | dict(attrs)
     shape = (nx,) if y is None else (ny, nx)
     dir_tensors = [{k: v.numpy() for k, v in space.unflatten_state(d).items()} for d in dirs]
+    ctx = distributed.current()
+    if ctx is not None:  # torchrun: the ranks pull chunks from a shared queue, rank 0 writes
+        return distributed.run_surface(ctx, model, space, theta, dirs, evalset, task, dev, x, y, attrs, dir_tensors,
+                                       out=out, precision=precision, batch_size=batch_size, engine=engine,
+                                       strategy=strategy, overwrite=overwrite, progress=progress, chunk=chunk,
+                                       extras=extras)
     lock, state, path = None, "memory", None
     if out is not None:
         path = Path(out)
@@ -342,7 +353,8 @@ def _run(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
             elapsed = time.perf_counter() - t_start
             prior = float(sink.attrs().get("wall_time", 0.0))
             sink.finish({"wall_time": prior + elapsed, "last_run_seconds": elapsed, "last_run_points": int(len(pending)),
-                         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                         **distributed.run_record(sink.attrs(), {0: (int(len(pending)), elapsed)})})
     finally:
         if lock is not None:
             lock.release()

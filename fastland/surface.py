@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastland import api, files, losses, models, surfacefile
+from fastland import api, distributed, files, losses, models, surfacefile
 from fastland import data as data_mod
-from fastland import device as device_mod
 from fastland import directions as dir_mod
 from fastland._callable import make_callable
 from fastland.engine import PRECISIONS
@@ -72,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluation_args(p)
     add_output_args(p, "surface file (default surfaces/MODEL-DATA-SPLITN-GRID.h5); refused if it holds a surface with "
                        "other settings")
+    distributed.add_args(p)
     return p
 
 
@@ -199,16 +199,22 @@ def resolve_model(args: argparse.Namespace, source: str, dev: torch.device) -> t
 def run(args: argparse.Namespace) -> Path:
     """The whole command: data, model, the surface (through ``fastland.api``), pictures, summary."""
     check_args(args)
-    dev = device_mod.resolve(args.device)
+    ctx = distributed.init_from_args(args)  # under torchrun: meet the other ranks (one line on each if one cannot)
+    writer = ctx is None or ctx.rank == 0  # rank 0 alone writes files and reports
+    dev = api.resolve_device(args.device)
     samples = args.samples if args.samples is not None else (
         DEFAULT_CUDA_SAMPLES if dev.type == "cuda" else DEFAULT_CPU_SAMPLES)
-    evalset = data_mod.load(args.data, args.split, samples, seed=args.sample_seed, device=dev)
+    # On many ranks the set is loaded on the host, so that a rank puts only its shard on the device.
+    evalset = data_mod.load(args.data, args.split, samples, seed=args.sample_seed, device=dev if ctx is None else "cpu")
     out = Path(args.out) if args.out else default_out(args, args.model or DEFAULT_MODEL, evalset.source, len(evalset))
-    files.check_output_file(out)  # before any training or evaluation
-    model, spec, ckpt, meta = resolve_model(args, evalset.source, dev)
+    if writer:
+        files.check_output_file(out)  # before any training or evaluation
+    with distributed.rank_zero_first():  # a missing checkpoint is trained once, by rank 0
+        model, spec, ckpt, meta = resolve_model(args, evalset.source, dev)
     if args.out is None and args.model is None and spec != DEFAULT_MODEL:
         out = default_out(args, spec, evalset.source, len(evalset))
-        files.check_output_file(out)
+        if writer:
+            files.check_output_file(out)
     attrs: dict[str, Any] = {"model": spec, "checkpoint": str(ckpt), "checkpoint_sha256": models.sha256(ckpt),
                              "checkpoint_epoch": float(meta.get("epoch", -1))}
     common = dict(loss_fn=None if args.loss == "auto" else args.loss, bn_mode=args.bn_mode, out=out, device=dev,
@@ -222,7 +228,9 @@ def run(args: argparse.Namespace) -> Path:
     else:
         surface = api.surface(model, evalset, dim=args.dim, res=(args.nx, args.ny), range=args.grid_range,
                               norm=args.norm, ignore=args.ignore, seed=args.seed, chunk=args.chunk, attrs=attrs,
-                              **common)
+                              shard=distributed.SHARD_CHOICES[args.shard], **common)
+    if not writer:
+        return out
     outputs = [] if args.no_render else render(surface, out)
     summary(surface, out, outputs)
     return out
@@ -272,6 +280,8 @@ def summary(s: surfacefile.Surface, path: Path, outputs: list[Path]) -> None:
     rate = evaluated / elapsed if elapsed > 0 else float("nan")
     lines.append(f"time     {api.fmt_time(elapsed)} this run ({rate:,.1f} points/s); "
                  f"{api.fmt_time(float(a.get('wall_time', elapsed)))} in total")
+    if (ranks := distributed.rank_summary(a)) is not None:
+        lines.append(ranks)
     for p in outputs:
         lines.append(f"wrote    {p}")
     print("\n".join(lines))
