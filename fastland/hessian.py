@@ -65,6 +65,7 @@ from torch.func import functional_call, grad, jvp, replace_all_batch_norm_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from fastland import distributed
 from fastland.errors import UserError
 from fastland.params import FlatSpace, ParamInfo
 
@@ -213,11 +214,15 @@ class HVPOperator:
     between calls, so that each further HVP is one double-backward pass with no forward pass: what
     PyHessian does for one batch, ~1.4x faster per HVP on the CPU, at the memory of all those graphs
     (about 5 GB for ResNet-20 on 1,024 images). ``set_point`` drops them.
+
+    ``data_parallel=True`` (under torchrun; ``operator`` sets it there): ``batches`` are this rank's
+    share; each rank sums its ``n_b``-weighted batch HVPs over the *global* N and an all-reduce adds
+    them up: the exact mean over every rank's data, the same on every rank.
     """
 
     def __init__(self, model: nn.Module, batches: Batches, loss_fn: LossFn, bn_mode: str = "eval",
                  params: str | Sequence[str] | None = None, block: int | str = "auto", ad: str | None = None,
-                 keep_graph: bool = False) -> None:
+                 keep_graph: bool = False, data_parallel: bool = False) -> None:
         if bn_mode not in BN_MODES:
             raise UserError(f"unknown bn_mode {bn_mode!r}; use {' or '.join(BN_MODES)}")
         ad = ad or ("reverse" if keep_graph else "forward")
@@ -233,6 +238,9 @@ class HVPOperator:
         self.loss_fn = loss_fn
         self.batches = _check_batches(batches, bn_mode)
         self.num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
+        self.data_parallel = bool(data_parallel)
+        if self.data_parallel:  # every rank's batches: the global N
+            self.num_samples = int(distributed.all_reduce_sum(torch.tensor([float(self.num_samples)], dtype=torch.float64)))
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         if block != "auto" and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
@@ -264,6 +272,8 @@ class HVPOperator:
         with torch.no_grad():
             for x, y in self.batches:
                 total += float(self._loss(self._sub, x, y)) * x.shape[0]
+        if self.data_parallel:
+            total = float(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)))
         return total / self.num_samples
 
     def _loss(self, sub: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -317,6 +327,8 @@ class HVPOperator:
         # double-backward derivative.
         with sdpa_kernel([SDPBackend.MATH]):
             self._accumulate(vecs, out)
+        if self.data_parallel:  # this rank's sum of n_b/N-weighted HVPs, added over the ranks
+            distributed.all_reduce_sum(out)
         self.hvps += vecs.shape[0]
         return out[0] if single else out
 
@@ -834,10 +846,19 @@ def _resolve(model: nn.Module, data: Any, loss_fn: LossFn | None, batch_size: in
 
 def operator(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
              params: str | Sequence[str] | None = None, batch_size: int | None = None,
-             block: int | str = "auto", ad: str | None = None, keep_graph: bool = False) -> HVPOperator:
-    """The Hessian-vector-product operator of ``model``'s mean loss over ``data`` (see ``HVPOperator``)."""
+             block: int | str = "auto", ad: str | None = None, keep_graph: bool = False,
+             data_parallel: bool | None = None) -> HVPOperator:
+    """The Hessian-vector-product operator of ``model``'s mean loss over ``data`` (see ``HVPOperator``).
+
+    Under torchrun (``data_parallel=None``) every rank passes the same ``data`` and takes a
+    contiguous share of its batches; the products are all-reduced (``fastland.distributed``)."""
     batches, loss = _resolve(model, data, loss_fn, batch_size)
-    return HVPOperator(model, batches, loss, bn_mode=bn_mode, params=params, block=block, ad=ad, keep_graph=keep_graph)
+    if data_parallel is None:  # under torchrun, every rank takes a share of the batches
+        data_parallel = distributed.current() is not None
+    if data_parallel:
+        batches = distributed.shard_batches(batches)
+    return HVPOperator(model, batches, loss, bn_mode=bn_mode, params=params, block=block, ad=ad, keep_graph=keep_graph,
+                       data_parallel=data_parallel)
 
 
 def top_eigenvalues(model: nn.Module, data: Any, k: int = 1, loss_fn: LossFn | None = None, bn_mode: str = "eval",
