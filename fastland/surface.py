@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> Path:
     dev = api.resolve_device(args.device)
     samples = args.samples if args.samples is not None else (
         DEFAULT_CUDA_SAMPLES if dev.type == "cuda" else DEFAULT_CPU_SAMPLES)
+    if args.out and writer:
+        files.check_output_file(args.out)  # before the data are loaded (a download, an image folder decoded)
     # On many ranks the set is loaded on the host, so that a rank puts only its shard on the device.
     evalset = data_mod.load(args.data, args.split, samples, seed=args.sample_seed, device=dev if ctx is None else "cpu")
     out = Path(args.out) if args.out else default_out(args, args.model or DEFAULT_MODEL, evalset.source, len(evalset))
