@@ -23,8 +23,26 @@ the model's parameters, ``.grad``, buffers, optimizer or RNG. g is recomputed by
 precision; on CUDA the probe runs in full fp32 (no TF32), because ‖g − ∇L(θ')‖ at small η
 is a small difference of two gradients that TF32 rounding would swamp.
 
-Gradients of VGG at a max-pool tie are subgradients: the two paths agree to fp32 rounding
-except where such a near-tie flips, which is a property of the loss, not of either path.
+Batched and sequential (issue 16 saw up to 0.56% between them in gradient predictiveness and
+β-smoothness, with identical weights and losses). Both use the same g (``line``); they compute
+∇L(θ') with different kernels (vmap's batched convolutions vs plain ones), so
+
+    |‖g − ∇_b L(θ')‖ − ‖g − ∇_s L(θ')‖| ≤ ‖∇_b L(θ') − ∇_s L(θ')‖,
+
+which is fp32 rounding of a gradient: about 2e-6·‖∇L‖ (LeNet-BN, CPU), and each path is as close
+to the fp64 value, so neither is the better one. Relative to ‖g − ∇L(θ')‖ ≈ η·‖Hg‖ that is
+cancellation, growing as 1/η: measured (median over 8 minibatches of 128, LeNet-BN with average
+pooling and softplus, so no kinks) 1e-7 between the paths and 4e-6 from fp64 at ‖Δ‖/‖g‖ ≈ 1;
+1.5e-6 / 3e-6 at 0.1; 1.4e-5 / 4e-5 at 1e-2; 1.5e-4 / 1.3e-4 at 1e-3; 7e-4 / 3e-3 at 1e-4. Rows
+whose ‖g − ∇L(θ')‖ is near 1e-4·‖g‖ or below therefore carry 0.1% or more of rounding noise,
+whichever path computes them. Taking g from the same call as ∇L(θ') does not help (the
+rounding at θ and at θ' is not correlated); fp64 removes it, at 5.6x (LeNet-BN) and 8.3x
+(ResNet-20) the time on the CPU, so it is not the default. The other source is not rounding: where a ReLU input or a max-pool pair
+is within rounding of a tie, the two paths (or fp32 and fp64) take different subgradients of the
+non-smooth loss and ∇L jumps; in LeNet-BN this gave 3e-5 to 2e-3 relative in about 1% of rows, and
+it vanishes with average pooling and softplus (max 1.2e-5 over 320 rows). ``auto`` is a fixed
+rule per device, so one command always takes one path and repeats its numbers bit for bit
+(``tests/test_hardening.py`` bounds the difference between the paths).
 """
 
 from __future__ import annotations
