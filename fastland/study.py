@@ -142,7 +142,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def run_study(args: argparse.Namespace) -> Path:
     cfg = settings(args)
     dev = device_mod.resolve(args.device)
-    trainset = data_mod.load(args.data, "train", cfg["train_samples"], seed=args.seed, device=dev)
+    trainset = data_mod.load(args.data, "train", cfg["train_samples"], seed=args.seed, device=dev,
+                             samples_option="--train-samples")
     source = trainset.source
     out = Path(args.out) if args.out else Path("study") / f"{args.preset}-{source}"
     out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +151,8 @@ def run_study(args: argparse.Namespace) -> Path:
     print(f"study: {', '.join(cfg['models'])} on {source} data ({len(trainset):,} training samples, "
           f"{cfg['epochs']} epochs, probes every {cfg['probe_every']} step(s)); surfaces {cfg['res']}x{cfg['res']}; "
           f"out {out}")
-    eval_train = data_mod.load(source, "train", cfg["eval_samples"], seed=1, device=dev)
-    eval_test = data_mod.load(source, "test", cfg["eval_samples"], seed=1, device=dev)
+    eval_train = data_mod.load(source, "train", cfg["eval_samples"], seed=1, device=dev, samples_option="--eval-samples")
+    eval_test = data_mod.load(source, "test", cfg["eval_samples"], seed=1, device=dev, samples_option="--eval-samples")
     results: dict[str, dict[str, Any]] = {}
     for name in cfg["models"]:
         run_dir = out / name / "train"
@@ -178,13 +179,23 @@ def run_study(args: argparse.Namespace) -> Path:
                 "--no-render"]
         if cfg["samples"] is not None:
             argv += ["--samples", str(cfg["samples"])]
-        stages.run(f"{name}: surface", surface.run, surface.build_parser().parse_args(argv))
+        stages.run(f"{name}: surface", _surface, surface.build_parser().parse_args(argv))
         r.update(flatness(surfacefile.read(surf)))
         r["surface"] = surf
     figures = stages_figures(stages, out, cfg["models"], results, trainset.warning)
     for name in cfg["models"]:
         results[name]["times"] = {k.split(": ", 1)[1]: v for k, v in stages.done.items() if k.startswith(f"{name}: ")}
     return write_report(out, args, cfg, trainset, results, figures, stages)
+
+
+def _surface(args: argparse.Namespace) -> Path:
+    """The surface stage; the study has no --overwrite, so a surface file it cannot resume is advised away."""
+    try:
+        return surface.run(args)
+    except UserError as err:
+        text = str(err).replace("pass --overwrite to replace it or choose another --out",
+                                "delete it, or choose another study --out")
+        raise UserError(text) from None
 
 
 def _pairs(names: list[str]) -> list[tuple[str, list[str]]]:
