@@ -432,6 +432,11 @@ class ImageFolderData:
         x, y = torch.from_numpy(images), torch.from_numpy(labels)
         if idx is not None:
             x, y = x[idx], y[idx]
+        if torch.device(device).type != "cpu":  # the host copy was checked when it was decoded
+            from fastland.files import check_memory
+
+            check_memory(x.numel(), f"{len(y):,} images of the {split} split on {device}",
+                         "use --samples N (a subset)", device=device)
         return EvalSet(x.contiguous().to(device), y.to(device), f"imagefolder:{self.label}", split, int(seed),
                        mean.to(device), std.to(device), None, self.name)
 

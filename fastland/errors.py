@@ -163,8 +163,10 @@ def report(exc: BaseException) -> int:
     if (fs := file_system_error(exc)) is not None:
         print(f"error: {describe_os_error(fs)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if isinstance(exc, MemoryError):
-        print("error: out of memory; use fewer --samples, a smaller --res or a smaller --batch-size", file=sys.stderr)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # the host's, or torch's on a GPU
+        where = "" if isinstance(exc, MemoryError) else " on the GPU"
+        print(f"error: out of memory{where}; use fewer --samples, a smaller --res or a smaller --batch-size",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     saved = save_traceback(exc)
     where = f"full traceback in {saved}" if saved else "no traceback file could be written"
