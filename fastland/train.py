@@ -496,16 +496,16 @@ def probe_from_args(args: argparse.Namespace) -> ProbeConfig | None:
 
 def _run(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, trainset: data_mod.EvalSet) -> Path:
     """Train one run and plot its probes; a diverged run gets its plot too, then the error."""
-    from fastland import trainplots  # matplotlib is only needed here
-
     title = f"{cfg.model} ({cfg.optimizer}, lr {cfg.lr})"
     try:
         final = train(cfg, out, probe, trainset=trainset)
     except BaseException:
         if probe is not None and (out / "metrics.csv").exists():
-            _plot_after_failure(trainplots.plot_runs, {cfg.model: out}, out / "smoothness.png", title)
+            _plot_after_failure({cfg.model: out}, out / "smoothness.png", title)
         raise
     if probe is not None and (out / "metrics.csv").exists():
+        from fastland import trainplots  # matplotlib is only needed here
+
         trainplots.plot_runs({cfg.model: out}, out / "smoothness.png", title=title)
     meta = models.read_checkpoint(final)["meta"]
     note = f", probes -> {out / 'metrics.csv'}" if probe is not None else ""
@@ -514,10 +514,12 @@ def _run(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, trainset: data_
     return final
 
 
-def _plot_after_failure(plot: Any, runs: dict[str, Path], path: Path, title: str) -> None:
+def _plot_after_failure(runs: dict[str, Path], path: Path, title: str) -> None:
     """Plot what a failed run recorded; a failure to plot (the same full disk...) must not hide why the run stopped."""
     try:
-        plot(runs, path, title=title)
+        from fastland import trainplots
+
+        trainplots.plot_runs(runs, path, title=title)
     except Exception:  # noqa: BLE001, S110 - the run's own error is the one to report
         pass
 
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException:
             have = {m: d for m, d in runs.items() if (d / "metrics.csv").exists()}
             if probe is not None and have:
-                _plot_after_failure(trainplots.plot_runs, have, parent / "smoothness.png", title)
+                _plot_after_failure(have, parent / "smoothness.png", title)
             raise
         have = {m: d for m, d in runs.items() if (d / "metrics.csv").exists()}
         if probe is not None and have:

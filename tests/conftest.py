@@ -1,7 +1,17 @@
-"""Test setup: Triton runs through its interpreter without a GPU; caches stay in the repo."""
+"""Test setup: Triton runs through its interpreter without a GPU; caches stay in the repo.
 
+Also the helpers every test file shares: ``run_main`` (a CLI in-process), ``run_cli`` (a CLI
+through a real interpreter, as a user runs it), ``one_error_line`` (what a failed run must
+print) and ``mounted_tmpfs`` (a small disk to fill).
+"""
+
+import contextlib
 import os
-from collections.abc import Callable
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +61,45 @@ def run_main(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.
         code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_cli(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in ``cwd``, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+# A tqdm bar's frames (written to stderr with carriage returns) are progress, not messages.
+_PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+ \[")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-empty lines of ``stderr``, progress-bar frames left out."""
+    return [line for line in stderr.splitlines() if line.strip() and not _PROGRESS.search(line)]
+
+
+def one_error_line(done: subprocess.CompletedProcess, needle: str) -> str:
+    """Assert a failed run printed exactly one line on stderr, ``error: ...`` containing ``needle``, and no traceback."""
+    lines = error_lines(done.stderr)
+    assert done.returncode != 0, (done.stdout, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    return lines[0]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs at ``folder``, to fill up; skips the test where mounting is not allowed (e.g. without root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount for a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_viz import image, mounted_tmpfs, n_colours, one_error_line, run_cli
+from conftest import mounted_tmpfs, one_error_line, run_cli
+from test_viz import image, n_colours
 
 from fastland import probes, trainplots
 

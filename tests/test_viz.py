@@ -9,7 +9,6 @@ command line's bad input, full disks and missing displays run through a real int
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import io
 import json
@@ -27,6 +26,7 @@ import h5py
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import mounted_tmpfs, one_error_line, run_cli
 
 from fastland import surfacefile
 from fastland.errors import UserError
@@ -379,21 +379,6 @@ def free_display() -> int:
                 and not Path(f"/tmp/.X{n}-lock").exists())
 
 
-def run_cli(module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` in ``cwd``, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
-
-
-def one_error_line(done: subprocess.CompletedProcess, needle: str) -> str:
-    """Assert a failed run printed exactly one line on stderr, ``error: ...`` containing ``needle``, and no traceback."""
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode != 0, (done.stdout, done.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    return lines[0]
-
-
 def written(done: subprocess.CompletedProcess, cwd: Path) -> list[Path]:
     """The files a run said it wrote (``wrote PATH`` lines)."""
     return [cwd / line.removeprefix("wrote ") for line in done.stdout.splitlines() if line.startswith("wrote ")]
@@ -406,23 +391,6 @@ def no_pyvista(tmp_path: Path) -> dict[str, str]:
         (shim / name).mkdir(parents=True, exist_ok=True)
         (shim / name / "__init__.py").write_text(f"raise ModuleNotFoundError('No module named {name}', name='{name}')\n")
     return {"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
-    """A small tmpfs at ``folder``, to fill up; skips the test where mounting is not allowed (e.g. without root)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
-        pytest.skip("needs Linux mount for a small tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 @pytest.fixture
