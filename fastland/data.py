@@ -412,12 +412,13 @@ class ImageFolderData:
                 return {k: z[k] for k in z.files}
         images = _decode([p for p, _ in items], folder)
         out = {"images": images, "labels": np.array([c for _, c in items], dtype=np.int64), **_channel_stats(images)}
+        tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
             np.savez(tmp, **out)
             tmp.replace(cached)
         except OSError as err:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written cache behind
             warnings.warn(f"could not cache the decoded images in {cached.parent} ({err.strerror}); they will be "
                           "decoded again next time", stacklevel=2)
         return out
@@ -587,13 +588,13 @@ def synthetic(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = SPLIT_SIZE[split]
     parts = [_synthetic_chunk(split, c0, min(_CHUNK, n - c0)) for c0 in range(0, n, _CHUNK)]
     images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images.numpy(), labels=labels.numpy())
         tmp.replace(cached)
     except OSError:
-        pass  # a cache only: the set is made again next time
+        tmp.unlink(missing_ok=True)  # a cache only: the set is made again next time; no half-written file stays
     return images, labels
 
 
