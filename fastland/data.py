@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
+from fastland import files
 from fastland.compat import import_torchvision
 from fastland.device import free_memory
 from fastland.errors import UserError, one_line
@@ -418,7 +419,7 @@ class ImageFolderData:
             np.savez(tmp, **out)
             tmp.replace(cached)
         except OSError as err:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written cache behind
+            files.discard(tmp)  # a full disk leaves no half-written cache behind
             warnings.warn(f"could not cache the decoded images in {cached.parent} ({err.strerror}); they will be "
                           "decoded again next time", stacklevel=2)
         return out
@@ -434,10 +435,8 @@ class ImageFolderData:
         if idx is not None:
             x, y = x[idx], y[idx]
         if torch.device(device).type != "cpu":  # the host copy was checked when it was decoded
-            from fastland.files import check_memory
-
-            check_memory(x.numel(), f"{len(y):,} images of the {split} split on {device}",
-                         "use --samples N (a subset)", device=device)
+            files.check_memory(x.numel(), f"{len(y):,} images of the {split} split on {device}",
+                               "use --samples N (a subset)", device=device)
         return EvalSet(x.contiguous().to(device), y.to(device), f"imagefolder:{self.label}", split, int(seed),
                        mean.to(device), std.to(device), None, self.name)
 
@@ -468,10 +467,9 @@ def _decode(paths: list[str], folder: Path) -> np.ndarray:
         except OSError as err:
             raise UserError(f"imagefolder: cannot decode {path} ({one_line(err)}); remove or replace it") from None
         if out is None:
-            from fastland.files import check_memory  # the whole split is decoded into one array: refuse it up front
-
-            check_memory(len(paths) * a.size, f"decoding {len(paths):,} images of {a.shape[1]}x{a.shape[0]} in {folder}",
-                         "use a smaller image folder (all of a split is decoded, whatever --samples asks)")
+            # the whole split is decoded into one array: refuse it up front
+            files.check_memory(len(paths) * a.size, f"decoding {len(paths):,} images of {a.shape[1]}x{a.shape[0]} in "
+                               f"{folder}", "use a smaller image folder (all of a split is decoded, whatever --samples asks)")
             out = np.empty((len(paths), a.shape[2], a.shape[0], a.shape[1]), dtype=np.uint8)
         if a.shape[:2] != out.shape[2:]:
             raise UserError(f"imagefolder: {path} is {a.shape[1]}x{a.shape[0]}, but the first image is "
@@ -594,7 +592,7 @@ def synthetic(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         np.savez(tmp, images=images.numpy(), labels=labels.numpy())
         tmp.replace(cached)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a cache only: the set is made again next time; no half-written file stays
+        files.discard(tmp)  # a cache only: the set is made again next time; no half-written file stays
     return images, labels
 
 

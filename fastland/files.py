@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -146,7 +147,14 @@ def replacing(path: str | Path) -> Iterator[Path]:
     except OSError as err:
         raise os_error(err, str(path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if it is there; never fail (a read-only file system refuses even
+    to unlink a file that does not exist, and the error being reported is the one that matters)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | Path, data: bytes | str) -> Path:

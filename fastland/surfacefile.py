@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fastland import errors
+from fastland import errors, files
 from fastland.errors import UserError, one_line
 
 # Attributes that define a surface: a resumed run must match all of them.
@@ -153,15 +153,15 @@ def create(path: Path, x: np.ndarray, y: np.ndarray | None, directions: list[dic
     except (OSError, RuntimeError) as err:
         failure = _write_failure(err, path)
         if failure is None:
-            tmp.unlink(missing_ok=True)
+            files.discard(tmp)
             raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        files.discard(tmp)
         raise
     if failure is not None:
         with errors.quiet_h5py_dealloc():
             f = None  # noqa: F841 - the failed file's objects go now, while their complaints are muted
-        tmp.unlink(missing_ok=True)
+        files.discard(tmp)
         raise failure
 
 
