@@ -222,7 +222,7 @@ def interpolate(start: nn.Module | Mapping[str, torch.Tensor], end: nn.Module | 
                 range: Sequence[float] = (-0.5, 1.5), bn_stats: str = "auto", bn_mode: str = "eval",  # noqa: A002
                 out: str | Path | None = None, device: str | torch.device | None = None, precision: str = "auto",
                 batch_size: int = 128, engine: str = "batched", strategy: str = "auto", overwrite: bool = False,
-                progress: bool = True, attrs: Mapping[str, Any] | None = None) -> Surface:
+                progress: bool = True, attrs: Mapping[str, Any] | None = None, shard: bool | None = None) -> Surface:
     """The loss along the straight line from ``start`` to ``end`` (Goodfellow et al. 2015):
     ``f(α) = L(θ_start + α·(θ_end − θ_start))``; α = 0 is ``start``, α = 1 is ``end``.
 
@@ -230,6 +230,7 @@ def interpolate(start: nn.Module | Mapping[str, torch.Tensor], end: nn.Module | 
     ``bn_stats``: ``interpolate`` moves BN's running statistics along the line too, so the
     curve ends exactly at ``end`` (Li et al.'s ``dir_type states``); ``start`` keeps the start
     model's statistics at every α; ``auto`` interpolates whenever BN uses running statistics.
+    Under torchrun, see ``surface`` (``shard`` too).
     """
     _check_choice(bn_stats, BN_STATS, "bn_stats")
     m1 = _as_model(start, model, "start")
@@ -237,6 +238,7 @@ def interpolate(start: nn.Module | Mapping[str, torch.Tensor], end: nn.Module | 
     s1, s2 = dict(m1.state_dict()), dict(m2.state_dict())
     if [(k, tuple(v.shape)) for k, v in s1.items()] != [(k, tuple(v.shape)) for k, v in s2.items()]:
         raise UserError("start and end are different architectures (their state_dict keys or shapes differ)")
+    data = distributed.shard_data(data, shard, batch_size, device)
     evalset, task, dev = prepare(m1, data, loss_fn, device, batch_size)
     has_stats = bn_mode == "eval" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
                                           for m in m1.modules())

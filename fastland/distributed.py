@@ -947,10 +947,15 @@ def run_surface(ctx: Context, model: torch.nn.Module, space: Any, theta: torch.T
                           f"device {attrs['device']}; engine {engine} ({attrs['precision']}); bn_mode {attrs['bn_mode']}; "
                           f"{mode} ({ctx.backend}){f'; out {path}' if path else ''}", flush=True)
             else:
+                # Built while rank 0 opens the file: its strategy is rank 0's unless rank 0 tunes, or
+                # resumes a file made with another one (then built again).
+                evaluator = None if strategy == "tune" else api._make_evaluator(
+                    engine, model, space, theta, dirs, evalset, task, attrs["bn_mode"], batch_size, precision,
+                    strategy, False)
                 plan = json.loads(sess.fetch("plan"))
-                evaluator = api._make_evaluator(engine, model, space, theta, dirs, evalset, task, attrs["bn_mode"],
-                                                batch_size, precision, plan["strategy"] if engine == "batched" else
-                                                strategy, False)
+                if evaluator is None or getattr(evaluator, "strategy", plan["strategy"]) != plan["strategy"]:
+                    evaluator = api._make_evaluator(engine, model, space, theta, dirs, evalset, task, attrs["bn_mode"],
+                                                    batch_size, precision, plan["strategy"], False)
                 pending, size = _unruns(plan["pending"]), int(plan["chunk"])
             chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
             t_start, started = time.perf_counter(), True

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> Path:
         target, _, _ = models.load_checkpoint(args.to, dev, spec=spec, model_args=args.model_args)
         attrs |= {"interpolation_target": str(args.to)}
         surface = api.interpolate(model, target, evalset, res=args.nx, range=args.grid_range, bn_stats=args.bn_stats,
-                                  attrs=attrs, **common)
+                                  attrs=attrs, shard=distributed.SHARD_CHOICES[args.shard], **common)
     else:
         surface = api.surface(model, evalset, dim=args.dim, res=(args.nx, args.ny), range=args.grid_range,
                               norm=args.norm, ignore=args.ignore, seed=args.seed, chunk=args.chunk, attrs=attrs,
