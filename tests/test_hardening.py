@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import mounted_tmpfs, one_error_line, run_cli
+from conftest import error_lines, mounted_tmpfs, one_error_line, run_cli
 from torch import nn
 
 import fastland
@@ -393,6 +393,12 @@ def test_read_only_outputs(lab: Lab, tmp_path: Path) -> None:
                         lab.env)
         one_error_line(done[0], f"--out {ro / 's.h5'} cannot be written: read-only file system")
         one_error_line(done[1], f"--out {ro / 'run'} cannot be written: read-only file system")
+        # A read-only cache folder is a warning, not a failure: the images are decoded again next time.
+        cached = run_cli("fastland.surface", [*lab.surface_args, "--res", "3", "--out", "s.h5"], tmp_path,
+                         {**lab.env, "FASTLAND_CACHE": str(ro / "cache")})
+        assert cached.returncode == 0 and (tmp_path / "s.h5").is_file(), cached.stderr
+        assert error_lines(cached.stderr) == [f"warning: could not cache the decoded images in {ro / 'cache'} "
+                                              "(Read-only file system); they will be decoded again next time"]
 
 
 def _without(name: str) -> Callable[[h5py.File], None]:
