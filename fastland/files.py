@@ -157,6 +157,25 @@ def discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def discard_stale(folder: Path, name: str = "*") -> None:
+    """Remove the temporary files (``.NAME.PID.tmp``, see ``replacing``) that a killed process left in
+    ``folder``: only those whose process is gone, so a live writer's file is never touched."""
+    for tmp in folder.glob(f".{name}.*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            discard(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, under another user
+    return True
+
+
 def write_bytes(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` whole or not at all (see ``replacing``)."""
     with replacing(path) as tmp:

@@ -216,6 +216,7 @@ class Writer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        files.discard_stale(path.parent, path.name)  # what a killed creation left (the caller holds the lock)
         self.f = _open(path, "r+")
         split = _norm(self.f.attrs["split"])
         self.loss = self.f[f"{split}_loss"]

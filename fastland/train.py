@@ -260,6 +260,7 @@ def _train_locked(cfg: TrainConfig, out: Path, probe: ProbeConfig | None, progre
                   trainset: data_mod.EvalSet | None, given: nn.Module | None, loss_fn: LossFn | str | None,
                   dev: torch.device) -> Path:
     final = out / "final.pt"
+    files.discard_stale(out)  # checkpoints a killed run was writing (this process holds the folder's lock)
     if trainset is None:
         trainset = data_mod.load(cfg.data, "train", cfg.samples, seed=cfg.seed, device=dev)
     if not isinstance(trainset, data_mod.EvalSet):

@@ -167,6 +167,13 @@ def run_many(jobs: list[tuple[str, list[str], Path]], env: dict[str, str]) -> li
         return list(pool.map(lambda job: run_cli(job[0], job[1], job[2], env), jobs))
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended (what a killed run's temporary files are named after)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def fill(folder: Path) -> None:
     """Take every free byte of ``folder``'s file system, as another program writing would."""
     import os
@@ -255,10 +262,13 @@ def test_a_killed_run_resumes_to_the_same_file(lab: Lab, tmp_path: Path) -> None
     p.wait(timeout=60)
     done = done_count(killed)
     assert 48 <= done < TOTAL, f"the run was not killed mid-way (done={done})"
+    stale = tmp_path / f".killed.h5.{dead_pid()}.tmp"  # as a run killed while creating the file leaves it
+    stale.write_bytes(b"half a file")
     resumed = run_cli("fastland.surface", [*args, "--out", str(killed)], tmp_path, lab.env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{TOTAL - done:,} to evaluate (resuming)" in resumed.stdout
     assert_same_surface(killed, lab.reference)
+    assert not leftovers(tmp_path)
 
 
 def test_two_trainings_in_one_folder_and_auto_probes_repeat(lab: Lab, tmp_path: Path) -> None:
@@ -307,9 +317,10 @@ def test_full_disk_while_training_names_the_file_and_keeps_the_run(lab: Lab, tmp
         rows = [r for r in (run / "metrics.csv").read_text().split("\n")[1:] if r.count(",") == 25]
         assert len(rows) >= 2  # epoch 1 probed steps 0 and 2
         (disk / "filler").unlink()
+        (run / f".epoch_005.pt.{dead_pid()}.tmp").write_bytes(b"half a checkpoint")  # as a kill -9 mid-save leaves
         resumed = run_cli("fastland.train", args, tmp_path, lab.env)
         assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
-        assert len(probes.read_metrics(run / "metrics.csv")["step"]) == 16 * 2
+        assert len(probes.read_metrics(run / "metrics.csv")["step"]) == 16 * 2 and not leftovers(disk)
 
 
 def test_full_disk_before_and_while_writing_the_surface(lab: Lab, tmp_path: Path) -> None:
