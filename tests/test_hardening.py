@@ -439,6 +439,23 @@ def test_resuming_a_damaged_surface_file_is_refused_and_the_file_kept(lab: Lab, 
     assert not leftovers(tmp_path)
 
 
+def test_a_resume_with_other_settings_is_refused_and_the_file_kept(lab: Lab, tmp_path: Path) -> None:
+    """Every setting that changes a value is checked before a file is resumed (or, for the strategy,
+    kept): otherwise '0 to evaluate (resuming)' would report one computation as another."""
+    cases = [(["--precision", "bf16"], "precision: file has 'fp32', command wants 'bf16'"),
+             (["--sample-seed", "1"], "sample_seed: file has 0, command wants 1"),
+             (["--bn-mode", "batch", "--batch-size", "30"], "bn_mode: file has 'eval', command wants 'batch'"),
+             (["--strategy", "vmap"], "was computed with the loop strategy; resume it with that one")]
+    for k in range(len(cases)):
+        shutil.copy(lab.reference, tmp_path / f"{k}.h5")
+    before = sha256(lab.reference)
+    done = run_many([("fastland.surface", [*lab.surface_args, *GRID, *args, "--out", f"{k}.h5"], tmp_path)
+                     for k, (args, _) in enumerate(cases)], lab.env)
+    for k, ((_, needle), d) in enumerate(zip(cases, done, strict=True)):
+        one_error_line(d, needle)
+        assert sha256(tmp_path / f"{k}.h5") == before
+
+
 def _resumable(lab: Lab, folder: Path) -> Path:
     """A copy of the lab's 2-epoch run stopped after epoch 1."""
     shutil.copytree(lab.run, folder, ignore=shutil.ignore_patterns(".*"))
