@@ -402,7 +402,7 @@ def render(result: dict[str, Any], command: str) -> str:
                          f"{r0['max_rel_error']:.1e} | {t / fl:.2f}× |")
         lines.append("")
     if result.get("hvp"):
-        lines += ["## Seconds per vector of one HVP (256 images, minimum over rounds)", "",
+        lines += [f"## Seconds per vector of one HVP ({HVP_IMAGES} images, minimum over rounds)", "",
                   "| model | " + " | ".join(result["hvp"][0]["seconds_per_vector"]) + " |",
                   "|---|" + "---|" * len(result["hvp"][0]["seconds_per_vector"])]
         for h in result["hvp"]:
@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--power-max-iter", type=int, default=40, help="HVP cap for eigenthings_power (default: %(default)s)")
     ap.add_argument("--topk-models", default="lenet_bn", help="models for the top-5 table; empty skips it (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    ap.add_argument("--sections", default="compare,topk,hvp",
+                    help="which tables: compare, topk, hvp; a subset writes hessian-cpu-DATE-SECTIONS files (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the json and md files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -426,14 +428,17 @@ def main(argv: list[str] | None = None) -> None:
                               f"{os.cpu_count()} cores)", "versions": _versions(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
                               "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(), "compare": [], "hvp": [],
                               "topk": []}
+    sections = args.sections.split(",")
     for name in args.models.split(","):
-        result["compare"].append(compare(name, args.rounds, args.power_max_iter))
-        if name in args.topk_models.split(","):
+        if "compare" in sections:
+            result["compare"].append(compare(name, args.rounds, args.power_max_iter))
+        if "topk" in sections and name in args.topk_models.split(","):
             result["topk"].append(topk(name, 5, args.rounds))
-        if args.hvp_rounds:
+        if "hvp" in sections and args.hvp_rounds:
             result["hvp"].append(hvp_costs(name, args.hvp_rounds))
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    stem = args.out / f"hessian-cpu-{result['date']}"
+    suffix = "" if set(sections) >= {"compare", "topk", "hvp"} else "-" + "-".join(sections)
+    stem = args.out / f"hessian-cpu-{result['date']}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     command = "python benchmarks/bench_hessian.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem.with_suffix(".md").write_text(render(result, command.strip()))
