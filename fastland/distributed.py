@@ -315,7 +315,6 @@ class Context:
     def _note(self) -> str:
         return self._log.note() if self._log is not None else ""
 
-
     def _fail(self, message: str, publish: bool = True, store: Any = None) -> None:
         if self._failure is None:
             self._failure, self._failure_at = message, time.monotonic()
