@@ -301,6 +301,10 @@ def _run(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
     x, y = _grid(dim, res, rng)
     nx, ny = len(x), (len(y) if y is not None else 1)
     files.check_memory(nx * ny * 41, f"a {nx}x{ny} grid", "use a smaller resolution")
+    if engine == "batched" and evalset.cached:  # the engine keeps every prepared input on the device for the run
+        x1 = evalset.sample(1)[0]
+        files.check_memory(len(evalset) * x1[0].numel() * x1.element_size(),
+                           f"the engine's prepared copy of {len(evalset):,} inputs", "use fewer samples", device=dev)
     precision_used = precision if engine == "batched" else "fp32"
     if engine == "batched":
         from fastland.engine import resolve_precision
