@@ -512,7 +512,7 @@ def _connect(launch: Launch, timeout: float) -> tuple[Any, Any]:
     unreachable = (f"rank {launch.rank} could not reach the rendezvous store at {where} within {timeout:.0f} s: the "
                    "port may be taken by another program, or rank 0 / the launcher has not started; use a free "
                    "MASTER_PORT on every rank")
-    with _deadline(timeout + 5, unreachable):
+    with _deadline(timeout + 2, unreachable):
         try:
             if host:
                 server = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, True, wait,
