@@ -1,7 +1,8 @@
 """Top Hessian eigenvalue: fastland against PyHessian and hessian-eigenthings, interleaved in one process.
 
 Run: ``python benchmarks/bench_hessian.py [--rounds 2] [--models lenet_bn,resnet20_bn] [--threads 1]``
-writes ``benchmarks/results/hessian-cpu-DATE.{json,md}``; ``pytest benchmarks/bench_hessian.py
+writes ``benchmarks/results/hessian-cpu-DATE.{json,md}`` (``hessian-cuda-...`` with
+``FASTLAND_BENCH_DEVICE=cuda``, the default where CUDA is present); ``pytest benchmarks/bench_hessian.py
 --benchmark-only`` runs the LeNet-BN comparison (2 rounds) as one case, with the per-candidate
 numbers in its ``extra_info``.
 
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastland import device as device_mod
 from fastland import hessian, models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +73,8 @@ ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / ".cache" / "bench_hessian"
 CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEVICE = torch.device(os.environ.get("FASTLAND_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+CUDA = DEVICE.type == "cuda"
 TOL = 1e-3
 IMAGES = 1024
 BATCH = 256
@@ -111,9 +115,9 @@ def cifar_images(n_per_class: int, skip_per_class: int = 0) -> tuple[torch.Tenso
 def eval_data(n: int = IMAGES) -> tuple[torch.Tensor, torch.Tensor, str]:
     real = cifar_images(-(-n // 10))
     if real is not None:
-        return real[0][:n], real[1][:n], f"CIFAR-10 (JPEG copy), {n} training images"
+        return real[0][:n].to(DEVICE), real[1][:n].to(DEVICE), f"CIFAR-10 (JPEG copy), {n} training images"
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen), \
+    return torch.randn(n, 3, 32, 32, generator=gen).to(DEVICE), torch.randint(0, 10, (n,), generator=gen).to(DEVICE), \
         f"synthetic N(0,1) images with random labels ({n}; the CIFAR-10 archive is absent)"
 
 
@@ -163,7 +167,8 @@ def trained(name: str, epochs: int = 3) -> tuple[nn.Module, str]:
     model = build(name)
     real = cifar_images(500, skip_per_class=200)
     if real is None:
-        return models.randomized(name) if name in models.MODELS else model.eval(), "randomized (no CIFAR-10 archive)"
+        model = models.randomized(name) if name in models.MODELS else model
+        return model.eval().to(DEVICE), "randomized (no CIFAR-10 archive)"
     path = CACHE / f"{name}-{sum(p.numel() for p in model.parameters())}-e{epochs}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -180,7 +185,7 @@ def trained(name: str, epochs: int = 3) -> tuple[nn.Module, str]:
                 opt.step()
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
-    return model.eval(), f"Adam lr 1e-3, {epochs} epochs on 5,000 CIFAR-10 training images"
+    return model.eval().to(DEVICE), f"Adam lr 1e-3, {epochs} epochs on 5,000 CIFAR-10 training images (on the CPU)"
 
 
 # --- candidates ----------------------------------------------------------------------------
@@ -204,10 +209,10 @@ def run_candidate(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
         torch.manual_seed(0)
         if name == "pyhessian":
-            comp = PyHessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            comp = PyHessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=CUDA)
         else:
             loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-            comp = PyHessian(m, nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
+            comp = PyHessian(m, nn.CrossEntropyLoss(), dataloader=loader, cuda=CUDA)
         with _count_pyhessian(comp) as count:
             values, _ = comp.eigenvalues(top_n=1, tol=TOL, maxIter=100)
         out = {"value": float(values[0]), "hvps": count[0]}
@@ -222,8 +227,14 @@ def run_candidate(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             res = he.deflated_power_iteration(op, k=1, max_iter=power_max_iter, tol=TOL, seed=0)
             hvps = int(res.iterations)
         out = {"value": float(res.eigenvalues[0]), "hvps": hvps, "converged": bool(res.converged.all())}
+    _sync()
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize(DEVICE)
 
 
 @contextlib.contextmanager
@@ -302,7 +313,7 @@ def topk(name: str, k: int, rounds: int, log: Callable[[str], None] = print) -> 
                 from pyhessian import hessian as PyHessian
 
                 torch.manual_seed(0)
-                comp = PyHessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+                comp = PyHessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=CUDA)
                 with _count_pyhessian(comp) as count:
                     values = np.sort(np.asarray(comp.eigenvalues(top_n=k, tol=TOL, maxIter=100)[0]))[::-1]
                 hvps = count[0]
@@ -334,15 +345,17 @@ def hvp_costs(name: str, rounds: int, log: Callable[[str], None] = print) -> dic
         from pyhessian import hessian as PyHessian
         from pyhessian.utils import hessian_vector_product
 
-        comp = PyHessian(copy.deepcopy(model), nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        comp = PyHessian(copy.deepcopy(model), nn.CrossEntropyLoss(), data=(x, y), cuda=CUDA)
         v = list(vecs[0].split([q.numel() for q in comp.params]))
         v = [t.view(q.shape) for t, q in zip(v, comp.params, strict=True)]
         cases["pyhessian_kept_graph"] = (lambda: hessian_vector_product(comp.gradsH, comp.params, v), 1)  # type: ignore[assignment]
     best: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(rounds):
         for k, (fn, p) in cases.items():  # type: ignore[misc]
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             best[k].append((time.perf_counter() - t0) / p)
     for k, ts in best.items():
         log(f"  {name} HVP {k:28s} {min(ts):.3f} s per vector")
@@ -362,7 +375,7 @@ def _versions() -> dict[str, str]:
 
 def render(result: dict[str, Any], command: str) -> str:
     v = result["versions"]
-    lines = [f"# Top Hessian eigenvalue: CPU, {result['date']}", "",
+    lines = [f"# Top Hessian eigenvalue: {result['device']}, {result['date']}", "",
              f"- device: {result['device']}, {v['threads']} torch thread(s); load average at start {result['loadavg_start']}",
              f"- torch {v['torch']}, python {v['python']}, pyhessian {v['pyhessian']}, hessian-eigenthings "
              f"{v['hessian-eigenthings']}; commit {result['commit']}",
@@ -424,10 +437,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the json and md files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "device": f"cpu ({platform.processor() or platform.machine()}, "
-                              f"{os.cpu_count()} cores)", "versions": _versions(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-                              "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(), "compare": [], "hvp": [],
-                              "topk": []}
+    where = device_mod.describe(DEVICE) if CUDA else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "device": where, "versions": _versions(),
+                              "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+                              "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip(),
+                              "compare": [], "topk": [], "hvp": []}
     sections = args.sections.split(",")
     for name in args.models.split(","):
         if "compare" in sections:
@@ -438,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             result["hvp"].append(hvp_costs(name, args.hvp_rounds))
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     suffix = "" if set(sections) >= {"compare", "topk", "hvp"} else "-" + "-".join(sections)
-    stem = args.out / f"hessian-cpu-{result['date']}{suffix}"
+    stem = args.out / f"hessian-{DEVICE.type}-{result['date']}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     command = "python benchmarks/bench_hessian.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem.with_suffix(".md").write_text(render(result, command.strip()))
