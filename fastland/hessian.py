@@ -10,9 +10,13 @@ of the per-batch HVPs. (Li et al.'s ``hess_vec_prod.py`` sums them, which multip
 eigenvalue by the number of batches.)
 
 **HVPs** are forward-over-reverse, ``jvp(grad(loss))`` through ``functional_call`` on a private
-copy of the model: exact, with no retained graph. ``HVPOperator`` takes a block of vectors
-``[P, n]`` at once and pushes up to ``block`` of them through one ``vmap``, which shares the
-primal forward and backward among them (measured in ``benchmarks/bench_hessian.py``).
+copy of the model: exact, with no graph kept between calls (``ad="reverse"``: a double backward,
+``vjp(grad(loss))``; ``keep_graph=True``: each batch's graph kept, so that every further HVP is
+one double-backward pass). ``HVPOperator`` takes a block of vectors ``[P, n]`` at once and pushes
+up to ``block`` of them through one ``vmap``, which shares the primal forward and backward among
+them where that is faster (``block="auto"`` times it; ``benchmarks/bench_hessian.py`` measures all).
+Attention runs through the math SDPA kernel, since the fused kernels have no forward-mode or
+double-backward derivative.
 
 **BN modes** (recorded in every result): ``eval`` uses the running statistics (the model in eval
 mode, dropout off): they are constants, as in surfaces and in PyHessian. ``batch`` normalizes
@@ -75,7 +79,7 @@ BN_MODES = ("eval", "batch")
 AD_MODES = ("forward", "reverse")
 WHICH = ("largest", "smallest", "magnitude", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
-DEFAULT_BATCH_SIZE = 256  # per-HVP time is flat from 128 to 1024 images per batch on the CPU (benchmark)
+DEFAULT_BATCH_SIZE = 256  # per-HVP time is flat from 128 to 1024 images a batch on the CPU (LeNet-BN, ResNet-20)
 MAX_BLOCK_CPU = 4  # the vmapped block that block='auto' weighs against one vector at a time
 MAX_BLOCK_CUDA = 16
 PROBE_SAMPLES = 64  # samples of the first batch that block='auto' times both ways on
