@@ -216,8 +216,9 @@ class HVPOperator:
     (``jvp`` of ``grad``, the default) or ``"reverse"`` (``vjp`` of ``grad``, a double backward);
     equal results. ``keep_graph=True`` (reverse only) keeps every batch's forward and backward graph
     between calls, so that each further HVP is one double-backward pass with no forward pass: what
-    PyHessian does for one batch, ~1.4x faster per HVP on the CPU, at the memory of all those graphs
-    (about 5 GB for ResNet-20 on 1,024 images). ``set_point`` drops them.
+    PyHessian does for one batch; 1.2-1.5x faster per HVP on the CPU (benchmark), at the memory of all
+    those graphs (PyHessian's one graph of ResNet-20 on 1,024 images holds ~5.5 GB). ``set_point``
+    drops them.
 
     ``data_parallel=True`` (under torchrun; ``operator`` sets it there): ``batches`` are this rank's
     share; each rank sums its ``n_b``-weighted batch HVPs over the *global* N and an all-reduce adds
