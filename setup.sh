@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# 1. Debian packages for offscreen PyVista rendering through EGL (Mesa llvmpipe).
-apt_pkgs=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+# 1. Debian packages for offscreen PyVista rendering through EGL (Mesa llvmpipe), and a real browser
+#    (headless Chromium) that the tests use to look at the HTML export.
+apt_pkgs=(libegl1 libegl-mesa0 libgl1-mesa-dri chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
