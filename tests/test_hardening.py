@@ -499,20 +499,6 @@ def test_damaged_checkpoints_and_configs(lab: Lab, tmp_path: Path) -> None:
     assert all(not (r / "epoch_002.pt").exists() for r in runs.values())
 
 
-def test_study_never_advises_an_option_it_does_not_have(lab: Lab, tmp_path: Path) -> None:
-    """The study's surface stage on a file it cannot resume: no '--overwrite' (the study has none)."""
-    from fastland import study, surface
-    from fastland.errors import UserError
-
-    out = tmp_path / "s.h5"
-    shutil.copy(lab.reference, out)
-    args = surface.build_parser().parse_args([*lab.surface_args, "--res", "3", "--out", str(out)])
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(UserError, match="nx: file has 31") as err:
-        mp.setenv("FASTLAND_CACHE", lab.env["FASTLAND_CACHE"])
-        study._surface(args)
-    assert str(err.value).endswith("delete it, or choose another study --out") and "--overwrite" not in str(err.value)
-
-
 # --- progress ------------------------------------------------------------------------------------
 def test_training_progress_is_a_line_every_n_seconds_without_a_terminal(monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
