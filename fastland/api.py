@@ -334,6 +334,7 @@ def _run(model: nn.Module, space: FlatSpace, theta: torch.Tensor, dirs: torch.Te
     if out is not None:
         path = Path(out)
         size = surfacefile.size_estimate(nx, ny, int(task.accuracy), space.numel, dirs.shape[0])
+        size += sum(np.asarray(v).nbytes for v in (extras or {}).values())  # a trajectory's projected path
         files.check_output_file(path, 0 if path.exists() and not overwrite else size, "out")
         lock = files.WriteLock(path)
         lock.acquire()
