@@ -63,14 +63,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from fastland import distributed
+from fastland import api, distributed
+from fastland import data as data_mod
+from fastland import device as device_mod
+from fastland.engine.fastpaths import layout
 from fastland.errors import UserError
+from fastland.losses import Task
 from fastland.params import FlatSpace, ParamInfo
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,10 +82,15 @@ BN_MODES = ("eval", "batch")
 AD_MODES = ("forward", "reverse")
 WHICH = ("largest", "smallest", "magnitude", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
+TOL_SCALES = ("eigenvalue", "norm")
 DEFAULT_BATCH_SIZE = 256  # per-HVP time is flat from 128 to 1024 images a batch on the CPU (LeNet-BN, ResNet-20)
 MAX_BLOCK_CPU = 4  # the vmapped block that block='auto' weighs against one vector at a time
 MAX_BLOCK_CUDA = 16
 PROBE_SAMPLES = 64  # samples of the first batch that block='auto' times both ways on
+# keep_graph='auto': a kept double-backward graph measured 3.6-4.3x the bytes of the forward pass's leaf-module
+# outputs (LeNet-BN, ResNet-20, 64-1,024 images, CPU RSS); estimated as 6x, and kept when within a third of the free memory.
+GRAPH_FACTOR = 6.0
+GRAPH_FRACTION = 1 / 3
 
 
 # --- the parameters a Hessian is taken over ------------------------------------------------
@@ -182,6 +190,89 @@ def select_params(model: nn.Module, params: str | Sequence[str] | None = None,
     return ParamGroup(space, tuple(i for i in space.infos if i.name in picked))
 
 
+# --- the batches a Hessian is summed over ----------------------------------------------------
+class BatchList:
+    """Batches held in memory (cached data): ``(inputs, targets)`` pairs on the device, reused by every product."""
+
+    streamed = False
+
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = list(pairs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pairs[i]
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pairs[0]
+
+    def samples(self) -> int:
+        return sum(int(x.shape[0]) for x, _ in self.pairs)
+
+    def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BatchList:
+        return BatchList([(fn(x), y) for x, y in self.pairs])
+
+    def share(self, rank: int, world: int) -> BatchList:
+        """Rank ``rank``'s contiguous share of whole batches (BN's batch statistics unchanged)."""
+        b = len(self.pairs)
+        return BatchList(self.pairs[b * rank // world : b * (rank + 1) // world])
+
+
+class StreamedBatches:
+    """A ``fastland.data.StreamedSet`` read again for every product (data too large to hold on the device),
+    each batch moved to the device as it comes; ``share`` keeps a rank's contiguous range of batch indices."""
+
+    streamed = True
+
+    def __init__(self, data: data_mod.StreamedSet, lo: int = 0, hi: int | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.data = data
+        try:
+            self.total = len(data.loader)
+        except TypeError:  # an IterableDataset: count the batches once
+            self.total = sum(1 for _ in data.batches())
+        self.lo, self.hi = lo, self.total if hi is None else hi
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b, (x, y) in enumerate(self.data.batches()):
+            if b >= self.hi:
+                break
+            if b >= self.lo:
+                yield (self.transform(x) if self.transform else x), y
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(iter(self))
+
+    def samples(self) -> int:
+        return len(self.data) if (self.lo, self.hi) == (0, self.total) else sum(int(x.shape[0]) for x, _ in self)
+
+    def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StreamedBatches:
+        return StreamedBatches(self.data, self.lo, self.hi, fn)
+
+    def share(self, rank: int, world: int) -> StreamedBatches:
+        return StreamedBatches(self.data, self.total * rank // world, self.total * (rank + 1) // world, self.transform)
+
+
+Source = BatchList | StreamedBatches
+
+
+def _as_source(batches: Any) -> Source:
+    if isinstance(batches, BatchList | StreamedBatches):
+        return batches
+    if isinstance(batches, data_mod.StreamedSet):
+        return StreamedBatches(batches)
+    return BatchList(list(batches))
+
+
 # --- the Hessian-vector product --------------------------------------------------------------
 def _private_copy(model: nn.Module, bn_mode: str) -> nn.Module:
     """A copy to run ``functional_call`` on: eval mode, and in batch mode BN modules in train mode
@@ -200,62 +291,118 @@ def max_block(device: torch.device) -> int:
     return MAX_BLOCK_CUDA if device.type == "cuda" else MAX_BLOCK_CPU
 
 
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every leaf module's output for the inputs ``x`` (one forward pass without gradients)."""
+    total = [0]
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
 class HVPOperator:
     """``v ↦ H v`` for the mean loss over ``batches``, at weights θ that can be re-pointed cheaply.
 
-    ``batches``: ``(inputs, targets)`` pairs already on the model's device, fed to ``model(x)`` as
+    ``batches``: ``(inputs, targets)`` pairs already on the model's device (a list, a ``BatchList``,
+    or a ``StreamedBatches``/``StreamedSet`` read again for every product), fed to ``model(x)`` as
     they are. ``loss_fn(outputs, targets)`` returns the batch mean. ``hvp`` takes ``[n]`` or
     ``[P, n]`` vectors in the packed space of ``group`` (``n = group.numel``).
     ``set_point(theta)`` moves the operator to other weights (a full θ of ``space.numel``) without
-    copying the model again: that is what curvature maps over a grid need.
+    copying the model again; ``hvp_points`` multiplies at several weights at once (curvature maps).
 
     ``block``: vectors per ``vmap`` call, or ``"auto"``: on the first call with several vectors,
     time one vector at a time against a vmapped block on ``PROBE_SAMPLES`` samples and keep the
     faster per vector (vmap wins for LeNet on the CPU and loses for ResNet-20, whose vmapped
     convolution backward is slow there; see the benchmark). ``ad``: ``"forward"``
-    (``jvp`` of ``grad``, the default) or ``"reverse"`` (``vjp`` of ``grad``, a double backward);
-    equal results. ``keep_graph=True`` (reverse only) keeps every batch's forward and backward graph
-    between calls, so that each further HVP is one double-backward pass with no forward pass: what
-    PyHessian does for one batch; 1.2-1.5x faster per HVP on the CPU (benchmark), at the memory of all
-    those graphs (PyHessian's one graph of ResNet-20 on 1,024 images holds ~5.5 GB). ``set_point``
-    drops them.
+    (``jvp`` of ``grad``) or ``"reverse"`` (``vjp`` of ``grad``, a double backward); equal results.
+    ``keep_graph=True`` (reverse only) keeps every batch's forward and backward graph between calls,
+    so that each further HVP is one double-backward pass with no forward pass: what PyHessian does
+    for one batch; faster per HVP on the CPU (benchmark), at the memory of all those graphs
+    (ResNet-20: ~1.6 GB per 256 images). ``"auto"`` keeps them when their estimate
+    (``GRAPH_FACTOR`` × the forward pass's activations, a measured bound) fits in
+    ``GRAPH_FRACTION`` of the free memory and the data are held in memory (``graph_bytes`` records
+    it). ``set_point`` drops them.
+
+    ``channels_last``: feed 4-D image inputs in channels-last memory order (oneDNN's convolutions
+    are much faster on it on the CPU; equal up to rounding); ``"auto"``: on the CPU for models with
+    ``Conv2d`` layers.
 
     ``data_parallel=True`` (under torchrun; ``operator`` sets it there): ``batches`` are this rank's
-    share; each rank sums its ``n_b``-weighted batch HVPs over the *global* N and an all-reduce adds
-    them up: the exact mean over every rank's data, the same on every rank.
+    share; each rank sums its ``n_b``-weighted batch HVPs over the *global* N (``num_samples``, or the
+    all-reduced sum of the shares) and an all-reduce adds them up: the exact mean over every rank's
+    data, the same on every rank. A non-finite product on any rank stops every rank (a flag is
+    all-reduced before the products).
     """
 
-    def __init__(self, model: nn.Module, batches: Batches, loss_fn: LossFn, bn_mode: str = "eval",
+    def __init__(self, model: nn.Module, batches: Any, loss_fn: LossFn, bn_mode: str = "eval",
                  params: str | Sequence[str] | None = None, block: int | str = "auto", ad: str | None = None,
-                 keep_graph: bool = False, data_parallel: bool = False) -> None:
+                 keep_graph: bool | str = False, data_parallel: bool = False, channels_last: bool | str = False,
+                 num_samples: int | None = None) -> None:
         if bn_mode not in BN_MODES:
             raise UserError(f"unknown bn_mode {bn_mode!r}; use {' or '.join(BN_MODES)}")
-        ad = ad or ("reverse" if keep_graph else "forward")
-        if ad not in AD_MODES:
+        if keep_graph not in (True, False, "auto"):
+            raise UserError(f"keep_graph must be True, False or 'auto', got {keep_graph!r}")
+        if ad is not None and ad not in AD_MODES:
             raise UserError(f"unknown ad {ad!r}; use {' or '.join(AD_MODES)}")
-        if keep_graph and ad != "reverse":
+        if keep_graph is True and ad == "forward":
             raise UserError("keep_graph keeps the double-backward graph, so it needs ad='reverse' (or no ad)")
-        self.ad = ad
-        self.keep_graph = bool(keep_graph)
+        if block != "auto" and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+            raise UserError(f"block must be a positive integer or 'auto', got {block!r}")
         self.group = select_params(model, params)
         self.space = self.group.space
         self.bn_mode = bn_mode
         self.loss_fn = loss_fn
-        self.batches = _check_batches(batches, bn_mode)
-        self.num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
-        self.data_parallel = bool(data_parallel)
-        if self.data_parallel:  # every rank's batches: the global N
-            self.num_samples = int(distributed.all_reduce_sum(torch.tensor([float(self.num_samples)], dtype=torch.float64)))
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        if block != "auto" and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
-            raise UserError(f"block must be a positive integer or 'auto', got {block!r}")
+        self.batches: Source = _as_source(batches)
+        if isinstance(self.batches, BatchList):
+            _check_batches(self.batches, bn_mode)
+        self._module = _private_copy(model, bn_mode)
+        sample_x = self.batches.first()[0]
+        if channels_last == "auto":
+            channels_last = self.device.type == "cpu" and layout.applies(model, sample_x)
+        self.channels_last = bool(channels_last) and sample_x.dim() == 4 and sample_x.is_floating_point()
+        if self.channels_last:
+            self.batches = self.batches.map_inputs(layout.to_channels_last)
+        elif sample_x.dim() == 4 and not sample_x.is_contiguous() and sample_x.is_contiguous(memory_format=torch.channels_last):
+            self.channels_last = True  # given so: vmapped blocks must not see them (below)
+        self.data_parallel = bool(data_parallel)
+        if num_samples is None:
+            num_samples = self.batches.samples()
+            if self.data_parallel:  # every rank's batches: the global N
+                num_samples = int(distributed.all_reduce_sum(torch.tensor([float(num_samples)], dtype=torch.float64)))
+        self.num_samples = int(num_samples)
+        self.graph_bytes = 0  # the estimate behind keep_graph='auto' (0 when not estimated)
+        if keep_graph == "auto":
+            keep_graph = ad != "forward" and self._graph_fits(model, sample_x)
+        self.keep_graph = bool(keep_graph)
+        self.ad = ad or ("reverse" if self.keep_graph else "forward")
         self.block: int | None = None if block == "auto" else int(block)
         self.block_timings: dict[int, float] = {}  # block='auto': seconds per vector and probe sample
-        self._module = _private_copy(model, bn_mode)
         self.hvps = 0  # vectors multiplied so far (each is one full pass's worth of HVP work)
         self.context = ""  # what the caller is doing, for error messages ("Lanczos step 7")
+        self._checked_gradient = False
         self.set_point(self.space.flatten(model).to(self.dtype))
+
+    def _graph_fits(self, model: nn.Module, x: torch.Tensor) -> bool:
+        """Whether every batch's kept graph fits: ``GRAPH_FACTOR`` × the forward activations of all samples
+        (measured on ``PROBE_SAMPLES`` of them) within ``GRAPH_FRACTION`` of the free memory; never for streamed data."""
+        if self.batches.streamed:
+            return False
+        probe = x[:PROBE_SAMPLES]
+        per_sample = activation_bytes(self._module, probe) / probe.shape[0]
+        self.graph_bytes = int(GRAPH_FACTOR * per_sample * self.num_samples)
+        return self.graph_bytes <= GRAPH_FRACTION * device_mod.free_memory(self.device)
 
     @property
     def numel(self) -> int:
@@ -281,44 +428,55 @@ class HVPOperator:
             total = float(distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)))
         return total / self.num_samples
 
-    def _loss(self, sub: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self._module, {**self._fixed, **self.group.split(sub)}, (x,))
+    def _loss(self, sub: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+              fixed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        out = functional_call(self._module, {**(self._fixed if fixed is None else fixed), **self.group.split(sub)}, (x,))
         return self.loss_fn(out, y)
 
-    def _grad_fn(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    def _grad_fn(self, x: torch.Tensor, y: torch.Tensor,
+                 fixed: dict[str, torch.Tensor] | None = None) -> Callable[[torch.Tensor], Any]:
         def loss_and_aux(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            value = self._loss(sub, x, y)
+            value = self._loss(sub, x, y, fixed)
             return value, value.detach()
 
         return grad(loss_and_aux, has_aux=True)
 
-    def _pullback(self, b: int | None, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[..., Any], torch.Tensor]:
-        """The gradient's vjp at θ on one batch; kept per batch (until ``set_point``) with ``keep_graph``."""
+    def _pullback(self, b: int | None, x: torch.Tensor, y: torch.Tensor
+                  ) -> tuple[Callable[..., Any], torch.Tensor, torch.Tensor]:
+        """The gradient's vjp at θ on one batch (and the gradient and loss); kept per batch (until
+        ``set_point``) with ``keep_graph``."""
         if self.keep_graph and b is not None and b in self._kept:
             return self._kept[b]
-        _, pullback, value = vjp(self._grad_fn(x, y), self._sub, has_aux=True)
+        g, pullback, value = vjp(self._grad_fn(x, y), self._sub, has_aux=True)
         if self.keep_graph and b is not None:
-            self._kept[b] = (pullback, value)
-        return pullback, value
+            self._kept[b] = (pullback, g, value)
+        return pullback, g, value
 
     def _batch_hvp(self, vecs: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                   b: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[P, n]`` HVPs of one batch's mean loss (batch ``b`` of ``batches``, or a probe), and that loss."""
+                   b: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[P, n]`` HVPs of one batch's mean loss (batch ``b`` of ``batches``, or a probe), the gradient and the loss."""
         if self.ad == "reverse":  # H v = vjp of the gradient (H is symmetric); one graph shared by all P vectors
-            pullback, value = self._pullback(b, x, y)
-            hv = pullback(vecs[0])[0][None] if vecs.shape[0] == 1 else vmap(pullback)(vecs)[0]
-            return hv, value
+            pullback, g, value = self._pullback(b, x, y)
+            if vecs.shape[0] == 1:
+                hv = pullback(vecs[0])[0][None]
+            elif self.channels_last:  # vmap cannot run a channels-last graph (NYI in torch 2.13): one vector at a time
+                hv = torch.stack([pullback(v)[0] for v in vecs])
+            else:
+                hv = vmap(pullback)(vecs)[0]
+            return hv, g, value
         grad_fn = self._grad_fn(x, y)
 
-        def one(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            _, hv, value = jvp(grad_fn, (self._sub,), (v,), has_aux=True)
-            return hv, value
+        def single(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            g, hv, value = jvp(grad_fn, (self._sub,), (v,), has_aux=True)
+            return hv, g, value
 
         if vecs.shape[0] == 1:
-            hv, value = one(vecs[0])
-            return hv[None], value
-        hv, value = vmap(one)(vecs)
-        return hv, value[0]
+            hv, g, value = single(vecs[0])
+            return hv[None], g, value
+        if self.channels_last:  # vmap cannot take channels-last inputs (NYI in torch 2.13): the block runs on NCHW
+            grad_fn = self._grad_fn(x.contiguous(), y)
+        hv, g, value = vmap(single, out_dims=(0, None, None))(vecs)
+        return hv, g, value
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for ``v`` of shape ``[n]``, or row by row for ``[P, n]``."""
@@ -328,28 +486,59 @@ class HVPOperator:
             raise ValueError(f"expected [n] or [P, n] vectors with n={self.numel}, got shape {tuple(v.shape)}")
         vecs = vecs.to(self.device, self.dtype)
         out = torch.zeros_like(vecs)
+        grad_sum = torch.zeros(self.numel, device=self.device, dtype=self.dtype) if not self._checked_gradient else None
         # Attention through the math kernel: the fused CPU/CUDA kernels have no forward-mode or
         # double-backward derivative.
         with sdpa_kernel([SDPBackend.MATH]):
-            self._accumulate(vecs, out)
-        if self.data_parallel:  # this rank's sum of n_b/N-weighted HVPs, added over the ranks
-            distributed.all_reduce_sum(out)
+            problem = self._accumulate(vecs, out, grad_sum)
+        self._finish(out, problem, grad_sum)
         self.hvps += vecs.shape[0]
         return out[0] if single else out
 
-    def _accumulate(self, vecs: torch.Tensor, out: torch.Tensor) -> None:
+    def _finish(self, out: torch.Tensor, problem: str | None, grad_sum: torch.Tensor | None) -> None:
+        """Stop on a non-finite product (on every rank when data-parallel: a flag is all-reduced first, so that no
+        rank waits for the others in the products' all-reduce), add the ranks' products up, and check once that the
+        loss depends on the parameters at all."""
+        if self.data_parallel:
+            flag = distributed.all_reduce_sum(torch.tensor([1.0 if problem else 0.0], dtype=torch.float64))
+            if float(flag[0]) > 0:
+                ctx = distributed.current()
+                rank = f" on rank {ctx.rank}" if ctx is not None else ""
+                raise UserError(f"{problem}{rank}" if problem else
+                                f"the Hessian-vector product is not finite on {int(flag[0])} other rank(s)"
+                                f"{f' ({self.context})' if self.context else ''}; their message says where")
+            distributed.all_reduce_sum(out)
+            if grad_sum is not None:
+                distributed.all_reduce_sum(grad_sum)
+        elif problem:
+            raise UserError(problem)
+        if grad_sum is not None:
+            self._checked_gradient = True
+            if not bool(grad_sum.any()) and not bool(out.any()):
+                raise UserError("the gradient and the Hessian-vector product are exactly zero: the loss does not depend "
+                                f"on the parameters {_few(self.group.names)}; does the model run under torch.no_grad(), "
+                                "detach its outputs, or leave those parameters unused?")
+
+    def _accumulate(self, vecs: torch.Tensor, out: torch.Tensor, grad_sum: torch.Tensor | None) -> str | None:
+        """Add every batch's weighted HVPs into ``out``; the message of the first non-finite one (or None)."""
         if self.block is None and vecs.shape[0] > 1:
             self.block = self._choose_block(vecs.shape[0])
         block = self.block or 1
         start = 0
+        count = len(self.batches)
         for b, (x, y) in enumerate(self.batches):
+            if self.batches.streamed:
+                _check_batch(x, y, self.bn_mode)
             weight = x.shape[0] / self.num_samples
             for c in range(0, vecs.shape[0], block):
-                hv, value = self._batch_hvp(vecs[c : c + block], x, y, b)
+                hv, g, value = self._batch_hvp(vecs[c : c + block], x, y, b)
                 if not bool(torch.isfinite(hv).all()):
-                    self._non_finite(hv, value, b, start, x.shape[0], c)
+                    return self._non_finite(hv, value, b, count, start, x.shape[0], c)
                 out[c : c + block].add_(hv, alpha=weight)
+                if grad_sum is not None and c == 0:
+                    grad_sum.add_(g, alpha=weight)
             start += x.shape[0]
+        return None
 
     def _choose_block(self, count: int) -> int:
         """One vector at a time or a vmapped block, whichever is faster per vector (each timed twice,
@@ -357,7 +546,7 @@ class HVPOperator:
         size = min(count, max_block(self.device))
         if size < 2:
             return 1
-        x, y = self.batches[0]
+        x, y = self.batches.first()
         x, y = x[:PROBE_SAMPLES], y[:PROBE_SAMPLES]
         vecs = torch.randn(size, self.numel, generator=_generator(0), dtype=torch.float64).to(self.device, self.dtype)
         best = {1: math.inf, size: math.inf}
@@ -374,13 +563,57 @@ class HVPOperator:
 
     __call__ = hvp
 
-    def _non_finite(self, hv: torch.Tensor, value: torch.Tensor, b: int, start: int, n: int, c: int) -> None:
+    def hvp_points(self, thetas: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """``H(θ_p) v_p`` for ``P`` points at once: full weights ``thetas [P, space.numel]`` and packed vectors
+        ``vecs [P, n]``, through one ``vmap`` over the points per batch (forward-over-reverse; nothing kept).
+        The operator's own point (``set_point``) is left as it is."""
+        if thetas.dim() != 2 or thetas.shape[1] != self.space.numel or vecs.shape != (thetas.shape[0], self.numel):
+            raise ValueError(f"expected thetas [P, {self.space.numel}] and vecs [P, {self.numel}], got "
+                             f"{tuple(thetas.shape)} and {tuple(vecs.shape)}")
+        thetas = thetas.to(self.device, self.dtype)
+        vecs = vecs.to(self.device, self.dtype)
+        chosen = set(self.group.names)
+        infos = [i for i in self.space.infos if i.name not in chosen]
+        subs = torch.stack([self.group.gather(t) for t in thetas])
+        out = torch.zeros_like(vecs)
+        count = len(self.batches)
+
+        def one(sub: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+            fixed = {i.name: theta[i.offset : i.offset + i.numel].view(i.shape) for i in infos}
+            _, hv, value = jvp(self._grad_fn(x, y, fixed), (sub,), (v,), has_aux=True)
+            return hv, value
+
+        problem = None
+        start = 0
+        with sdpa_kernel([SDPBackend.MATH]):
+            for b, (x, y) in enumerate(self.batches):
+                if self.batches.streamed:
+                    _check_batch(x, y, self.bn_mode)
+                hv, value = vmap(one, in_dims=(0, 0, 0, None, None))(subs, thetas, vecs, x.contiguous(), y)
+                if not bool(torch.isfinite(hv).all()):
+                    bad = int((~torch.isfinite(hv)).any(dim=1).nonzero()[0, 0])
+                    problem = self._non_finite(hv[bad : bad + 1], value[bad], b, count, start, x.shape[0], 0,
+                                               point=bad)
+                    break
+                out.add_(hv, alpha=x.shape[0] / self.num_samples)
+                start += x.shape[0]
+        self._finish(out, problem, None)
+        self.hvps += vecs.shape[0]
+        return out
+
+    def _non_finite(self, hv: torch.Tensor, value: torch.Tensor, b: int, count: int, start: int, n: int, c: int,
+                    point: int | None = None) -> str:
         bad = int((~torch.isfinite(hv)).any(dim=1).nonzero()[0, 0]) + c
         where = f"{self.context}, " if self.context else ""
-        raise UserError(
-            f"the Hessian-vector product is not finite ({where}vector {bad}, batch {b + 1} of {len(self.batches)}, "
-            f"samples {start}-{start + n - 1}, where the loss is {float(value):.6g}, bn_mode={self.bn_mode}); "
-            "the weights or the data give a non-finite loss or gradient there: check them, or use fewer or other samples")
+        which = f"point {point} of the block" if point is not None else f"vector {bad}"
+        return (f"the Hessian-vector product is not finite ({where}{which}, batch {b + 1} of {count}, "
+                f"samples {start}-{start + n - 1}, where the loss is {float(value):.6g}, bn_mode={self.bn_mode}); "
+                "the weights or the data give a non-finite loss or gradient there: check them, or use fewer or other samples")
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def _sync(device: torch.device) -> None:
@@ -388,19 +621,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_batches(batches: Batches, bn_mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = list(batches)
-    if not out:
+def _check_batch(x: Any, y: Any, bn_mode: str) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
+        raise UserError("every batch must be a pair of tensors (inputs, targets) with the same number of samples")
+    if x.shape[0] == 0:
+        raise UserError("a batch is empty: every batch needs at least one sample")
+    if bn_mode == "batch" and x.shape[0] < 2:
+        raise UserError("bn_mode='batch' cannot normalize a batch of one sample; use a batch size that leaves "
+                        "no batch of one, or bn_mode='eval'")
+
+
+def _check_batches(batches: BatchList, bn_mode: str) -> None:
+    if not len(batches):
         raise UserError("the data is empty: give at least one (inputs, targets) batch")
-    for x, y in out:
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
-            raise UserError("every batch must be a pair of tensors (inputs, targets) with the same number of samples")
-        if x.shape[0] == 0:
-            raise UserError("a batch is empty: every batch needs at least one sample")
-        if bn_mode == "batch" and x.shape[0] < 2:
-            raise UserError("bn_mode='batch' cannot normalize a batch of one sample; use a batch size that leaves "
-                            "no batch of one, or bn_mode='eval'")
-    return out
+    for x, y in batches:
+        _check_batch(x, y, bn_mode)
 
 
 # --- results -----------------------------------------------------------------------------
@@ -427,6 +662,7 @@ class EigenResult:
     num_samples: int
     seconds: float
     group: ParamGroup = field(repr=False)
+    scale: str = "eigenvalue"  # residuals relative to |λ| ('eigenvalue') or to max |λ| ('norm')
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.values, self.vectors))
@@ -434,7 +670,7 @@ class EigenResult:
     def record(self) -> dict[str, Any]:
         """The numbers and settings, for JSON files."""
         return {"values": self.values.tolist(), "residuals": self.residuals.tolist(), "converged": self.converged,
-                "hvps": self.hvps, "tol": self.tol, "which": self.which, "bn_mode": self.bn_mode,
+                "hvps": self.hvps, "tol": self.tol, "tol_scale": self.scale, "which": self.which, "bn_mode": self.bn_mode,
                 "params": list(self.params), "num_samples": self.num_samples, "seconds": self.seconds}
 
 
@@ -542,92 +778,130 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.concatenate([order[::-1][:k], order[:k]])  # both
 
 
-def lanczos(op: HVPOperator, k: int = 1, which: str = "largest", tol: float = 1e-3, max_iter: int | None = None,
-            seed: int = 0, block: int = 1, progress: bool = False) -> EigenResult:
-    """Extreme eigenpairs of ``op`` by (block) Lanczos with full reorthogonalization.
+class LanczosRun:
+    """The state of one (block) Lanczos run with full reorthogonalization, advanced one block at a time.
 
-    Each step multiplies a block of ``block`` orthonormal vectors, orthogonalizes the products
-    against the whole basis (twice), and takes the Ritz pairs of the projected matrix
-    ``T = Qᵀ H Q``, whose columns are exactly those orthogonalization coefficients. It stops when
-    each wanted pair has ``‖Hv − λv‖ ≤ tol·|λ|`` (residuals from the recurrence:
-    ``‖R s_last‖`` with ``R`` the last block's QR factor), or after ``max_iter`` HVPs (a warning).
-    ``which``: ``largest``, ``smallest``, ``magnitude`` (largest |λ|, PyHessian's notion) or
-    ``both`` (the k largest and the k smallest from one run). The basis is kept on the device:
-    ``max_iter × n`` numbers (100 × 14.7M × 4 bytes = 5.9 GB for VGG-16; lower ``max_iter`` there).
+    ``pending`` is the block of orthonormal vectors to multiply next; ``update(H @ pending)``
+    orthogonalizes the products against the whole basis (twice), takes the Ritz pairs of the
+    projected matrix ``T = Qᵀ H Q`` (whose columns are exactly those orthogonalization
+    coefficients) and tests them: each wanted pair must have ``‖Hv − λv‖ ≤ tol·s`` with
+    ``s = |λ|`` (``scale='eigenvalue'``) or ``s = max |Ritz value|``, an estimate of ‖H‖
+    (``scale='norm'``: what a curvature map needs for λmin, whose own size may be ~0). Residuals
+    come from the recurrence: ``‖R s_last‖`` with ``R`` the last block's QR factor. ``done`` once
+    converged or after ``max_iter`` products. ``start`` (rows in the packed space) replaces the
+    random first block (a warm start from nearby eigenvectors); it is topped up with random
+    directions to ``block`` rows. ``lanczos`` drives one run; curvature maps drive many in lockstep.
     """
-    n = op.numel
-    _check_eig_args(k, tol, which, n)
-    max_iter = _default_max_iter(k, n) if max_iter is None else int(max_iter)
-    b = int(block)
-    if b < 1 or b > n:
-        raise UserError(f"block must be between 1 and the number of parameters ({n}), got {block}")
-    want = 2 * k if which == "both" else k
-    if max_iter < want:
-        raise UserError(f"max_iter ({max_iter}) must be at least the number of eigenvalues wanted ({want})")
-    max_iter = min(max_iter, n)
-    started = time.perf_counter()
-    gen = _generator(seed)
-    cap = min(n, max_iter + b)
-    basis = torch.empty(cap, n, device=op.device, dtype=op.dtype)
-    proj = np.zeros((cap, cap))  # T = Qᵀ H Q, float64
-    block_q, _ = _orthonormal_rows(_randn(b, n, gen, op))
-    m = 0  # basis vectors so far
-    theta = np.zeros(0)
-    vecs_t = np.zeros((0, 0))
-    residuals = np.full(want, np.inf)
-    converged = False
-    bar = _progress(max_iter, "Lanczos", progress)
-    step = 0
-    while True:
-        rows = block_q.shape[0]
-        basis[m : m + rows] = block_q
-        m += rows
-        step += 1
-        op.context = f"Lanczos step {step}"
-        w = op.hvp(basis[m - rows : m])
-        bar.update(rows)
-        # The orthogonalization coefficients are the new columns of T = QᵀHQ.
+
+    def __init__(self, n: int, k: int = 1, which: str = "largest", tol: float = 1e-3, max_iter: int | None = None,
+                 seed: int = 0, block: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 start: torch.Tensor | None = None, scale: str = "eigenvalue") -> None:
+        _check_eig_args(k, tol, which, n)
+        if scale not in TOL_SCALES:
+            raise UserError(f"unknown scale {scale!r}; use {' or '.join(TOL_SCALES)}")
+        max_iter = _default_max_iter(k, n) if max_iter is None else int(max_iter)
+        b = int(block)
+        if b < 1 or b > n:
+            raise UserError(f"block must be between 1 and the number of parameters ({n}), got {block}")
+        self.want = 2 * k if which == "both" else k
+        if max_iter < self.want:
+            raise UserError(f"max_iter ({max_iter}) must be at least the number of eigenvalues wanted ({self.want})")
+        self.n, self.k, self.which, self.tol, self.b, self.scale = n, k, which, tol, b, scale
+        self.max_iter = min(max_iter, n)
+        self.device, self.dtype = torch.device(device), dtype
+        self.gen = _generator(seed)
+        cap = min(n, self.max_iter + b)
+        self.basis = torch.empty(cap, n, device=self.device, dtype=dtype)
+        self.proj = np.zeros((cap, cap))  # T = Qᵀ H Q, float64
+        first = _randn(b, n, self.gen, self)
+        if start is not None:
+            start = start.to(self.device, dtype).reshape(-1, n)[:b]
+            first = torch.cat([start, first[start.shape[0] :]]) if start.shape[0] < b else start
+        self.pending, _ = _orthonormal_rows(first)
+        self.m = 0  # basis vectors so far
+        self.steps = 0
+        self.theta = np.zeros(0)
+        self.vecs_t = np.zeros((0, 0))
+        self.residuals = np.full(self.want, np.inf)
+        self.converged = False
+        self.done = False
+
+    def update(self, w: torch.Tensor) -> None:
+        """Take ``H @ pending`` and prepare the next block (or finish)."""
+        basis, rows = self.basis, self.pending.shape[0]
+        basis[self.m : self.m + rows] = self.pending
+        self.m += rows
+        self.steps += 1
+        m = self.m
         coef = w @ basis[:m].T
         w = w - coef @ basis[:m]
         coef2 = w @ basis[:m].T
         w = w - coef2 @ basis[:m]
         col = (coef + coef2).double().cpu().numpy().T  # [m, rows]
-        proj[:m, m - rows : m] = col
-        proj[m - rows : m, :m] = col.T
-        tm = proj[:m, :m]
-        theta, vecs_t = np.linalg.eigh((tm + tm.T) / 2)
+        self.proj[:m, m - rows : m] = col
+        self.proj[m - rows : m, :m] = col.T
+        tm = self.proj[:m, :m]
+        self.theta, self.vecs_t = np.linalg.eigh((tm + tm.T) / 2)
         w_next, r = _orthonormal_rows(w)
         r = r.cpu().numpy()  # w = rᵀ w_next
-        idx = _wanted(theta, k, which)
+        idx = _wanted(self.theta, self.k, self.which)
         # H y − θ y for y = Q s is (I − QQᵀ) H Q s = s_lastᵀ w = (r s_last)ᵀ w_next: only the last block's remainder.
-        res = np.linalg.norm(r @ vecs_t[m - rows : m, idx], axis=0) if m < n else np.zeros(len(idx))
-        residuals = res / np.maximum(np.abs(theta[idx]), np.finfo(np.float64).tiny)
-        if m >= want and bool(np.all(residuals <= tol)):
-            converged = True
-            break
-        if m + b > min(max_iter, n):
-            break
+        res = np.linalg.norm(r @ self.vecs_t[m - rows : m, idx], axis=0) if m < self.n else np.zeros(len(idx))
+        tiny = np.finfo(np.float64).tiny
+        size = np.abs(self.theta[idx]) if self.scale == "eigenvalue" else np.full(len(idx), np.abs(self.theta).max())
+        self.residuals = res / np.maximum(size, tiny)
+        if m >= self.want and bool(np.all(self.residuals <= self.tol)):
+            self.converged = self.done = True
+            return
+        if m + self.b > min(self.max_iter, self.n):
+            self.done = True
+            return
         # The next block: the remainder, topped up with random directions where it has (almost) vanished
         # (an invariant subspace: Krylov breakdown). Orthogonalized against the basis again, then QR.
-        scale = max(float(np.abs(theta).max()), 1e-30)
-        keep = np.abs(np.diag(r)) > 1e-10 * scale
+        top = max(float(np.abs(self.theta).max()), 1e-30)
+        keep = np.abs(np.diag(r)) > 1e-10 * top
         if not keep.all():
-            fresh = _orthogonalize(_randn(int((~keep).sum()), n, gen, op), basis[:m])
+            fresh = _orthogonalize(_randn(int((~keep).sum()), self.n, self.gen, self), basis[:m])
             w_next = torch.cat([w_next[torch.as_tensor(keep, device=w_next.device)], fresh])
         block_q, _ = _orthonormal_rows(_orthogonalize(w_next, basis[:m]))
-        block_q = block_q[: min(b, n - m)]
+        self.pending = block_q[: min(self.b, self.n - m)]
+
+    def ritz(self) -> tuple[np.ndarray, torch.Tensor]:
+        """The wanted Ritz values (in reporting order) and their vectors ``[want, n]``."""
+        idx = _wanted(self.theta, self.k, self.which)
+        s = torch.as_tensor(self.vecs_t[:, idx].T, device=self.device, dtype=torch.float64)  # [want, m]
+        return self.theta[idx].copy(), (s.to(self.dtype) @ self.basis[: self.m]).contiguous()
+
+
+def lanczos(op: HVPOperator, k: int = 1, which: str = "largest", tol: float = 1e-3, max_iter: int | None = None,
+            seed: int = 0, block: int = 1, progress: bool = False, start: torch.Tensor | None = None,
+            scale: str = "eigenvalue") -> EigenResult:
+    """Extreme eigenpairs of ``op`` by (block) Lanczos with full reorthogonalization (``LanczosRun``).
+
+    It stops when each wanted pair has ``‖Hv − λv‖ ≤ tol·|λ|`` (``scale='norm'``: ``tol·‖H‖``),
+    or after ``max_iter`` HVPs (a warning). ``which``: ``largest``, ``smallest``, ``magnitude``
+    (largest |λ|, PyHessian's notion) or ``both`` (the k largest and the k smallest from one run).
+    ``start``: first vectors instead of random ones. The basis is kept on the device:
+    ``max_iter × n`` numbers (100 × 14.7M × 4 bytes = 5.9 GB for VGG-16; lower ``max_iter`` there).
+    """
+    started = time.perf_counter()
+    run = LanczosRun(op.numel, k, which, tol, max_iter, seed, block, op.device, op.dtype, start, scale)
+    bar = _progress(run.max_iter, "Lanczos", progress)
+    while not run.done:
+        op.context = f"Lanczos step {run.steps + 1}"
+        rows = run.pending.shape[0]
+        run.update(op.hvp(run.pending))
+        bar.update(rows)
     bar.close()
     op.context = ""
-    idx = _wanted(theta, k, which)
-    s = torch.as_tensor(vecs_t[:, idx].T, device=op.device, dtype=torch.float64)  # [want, m]
-    flat = (s.to(op.dtype) @ basis[:m]).contiguous()
-    if not converged:
-        warnings.warn(f"Lanczos stopped after {m} Hessian-vector products with relative residual "
-                      f"{float(residuals.max()):.2g} > tol {tol:g}; raise max_iter or tol", stacklevel=2)
-    return EigenResult(values=theta[idx].copy(), vectors=[op.group.to_dict(v) for v in flat], flat=flat,
-                       residuals=residuals, converged=converged, hvps=m, tol=tol, which=which, bn_mode=op.bn_mode,
-                       params=op.group.names, num_samples=op.num_samples, seconds=time.perf_counter() - started,
-                       group=op.group)
+    values, flat = run.ritz()
+    if not run.converged:
+        warnings.warn(f"Lanczos stopped after {run.m} Hessian-vector products with relative residual "
+                      f"{float(run.residuals.max()):.2g} > tol {tol:g}; raise max_iter or tol", stacklevel=2)
+    return EigenResult(values=values, vectors=[op.group.to_dict(v) for v in flat], flat=flat,
+                       residuals=run.residuals, converged=run.converged, hvps=run.m, tol=tol, which=which,
+                       bn_mode=op.bn_mode, params=op.group.names, num_samples=op.num_samples,
+                       seconds=time.perf_counter() - started, group=op.group, scale=scale)
 
 
 def _default_max_iter(k: int, n: int) -> int:
@@ -805,100 +1079,119 @@ def spectral_density(op: HVPOperator, runs: int = 4, steps: int = 80, sigma: flo
 
 
 # --- the public API --------------------------------------------------------------------------
-def _is_integer(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
 
 
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(outputs, targets.to(outputs.dtype))
+def task_loss(task: Task) -> LossFn:
+    """The batch-mean loss the HVPs differentiate: ``task.batch_loss`` (fp32 for low-precision outputs), but a
+    float64 model keeps float64 (``batch_loss`` would round its outputs to fp32)."""
+
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if outputs.dtype == torch.float64:
+            return task.loss_fn(outputs, targets)
+        return task.batch_loss(outputs, targets)
+
+    return loss
 
 
-def _resolve(model: nn.Module, data: Any, loss_fn: LossFn | None, batch_size: int | None
-             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LossFn]:
-    """The one place that turns the public ``data`` and ``loss_fn`` into batches on the model's
-    device and a batch-mean loss (to be replaced by ``fastland.data`` / ``fastland.losses``).
+def prepare(model: nn.Module, data: Any, loss_fn: LossFn | str | None, batch_size: int | None = None
+            ) -> tuple[Source, Task]:
+    """``data`` and ``loss_fn`` as ``fastland.surface`` takes them (through ``fastland.api.prepare``), on the
+    model's device: the batches (held in memory for a cached set, prepared once; re-read per product for a
+    streamed one) and the resolved ``Task``.
 
-    ``data``: an ``(inputs, targets)`` pair of tensors, split into batches of ``batch_size``
-    (default ``DEFAULT_BATCH_SIZE``), or a list of such pairs, used as given.
-    ``loss_fn=None``: cross-entropy for integer targets, mean squared error for float ones.
-    """
-    if not isinstance(model, nn.Module):
-        raise UserError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    first = next(model.parameters(), None)
-    if first is None:
-        raise UserError("the model has no parameters: there is no Hessian to analyse")
+    ``batch_size`` (default ``DEFAULT_BATCH_SIZE``) splits a cached set; a streamed set (a DataLoader too large
+    to cache) keeps its loader's batches. In ``bn_mode='batch'`` the batches are BN's normalization batches."""
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise UserError(f"inputs and targets differ in length ({x.shape[0]} vs {y.shape[0]})")
-        bs = batch_size or DEFAULT_BATCH_SIZE
-        pairs = list(zip(x.split(bs), y.split(bs), strict=True))
-    elif isinstance(data, list | tuple) and data and all(
-            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, torch.Tensor) for t in p) for p in data):
-        pairs = [(p[0], p[1]) for p in data]
-    else:
-        raise UserError("data must be an (inputs, targets) pair of tensors or a list of such batches, "
-                        f"not {type(data).__name__}")
-    batches = [(x.to(first.device), y.to(first.device)) for x, y in pairs]
-    if loss_fn is None:
-        loss_fn = F.cross_entropy if _is_integer(batches[0][1]) else _mse
-    elif not callable(loss_fn):
-        raise UserError(f"loss_fn must be None or a callable loss_fn(outputs, targets), not {type(loss_fn).__name__}")
-    return batches, loss_fn
+    bs = batch_size or DEFAULT_BATCH_SIZE
+    if isinstance(model, nn.Module) and next(model.parameters(), None) is None:
+        raise UserError("the model has no parameters: there is no Hessian to analyse")
+    evalset, task, _ = api.prepare(model, data, loss_fn, _model_device(model), bs)
+    if isinstance(evalset, data_mod.StreamedSet):
+        return StreamedBatches(evalset), task
+    return BatchList(list(evalset.batches(bs, dtype=_model_dtype(model)))), task
 
 
-def operator(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters())
+    return p.dtype if p.is_floating_point() else torch.float32
+
+
+def operator(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",
              params: str | Sequence[str] | None = None, batch_size: int | None = None,
-             block: int | str = "auto", ad: str | None = None, keep_graph: bool = False,
-             data_parallel: bool | None = None) -> HVPOperator:
+             block: int | str = "auto", ad: str | None = None, keep_graph: bool | str = "auto",
+             data_parallel: bool | None = None, channels_last: bool | str = "auto") -> HVPOperator:
     """The Hessian-vector-product operator of ``model``'s mean loss over ``data`` (see ``HVPOperator``).
 
-    Under torchrun (``data_parallel=None``) every rank passes the same ``data`` and takes a
-    contiguous share of its batches; the products are all-reduced (``fastland.distributed``)."""
-    batches, loss = _resolve(model, data, loss_fn, batch_size)
+    ``data`` and ``loss_fn`` mean what they mean for ``fastland.surface`` (tensors, a Dataset, a
+    DataLoader or an ``EvalSet``; None, ``"cross_entropy"``, ``"mse"`` or a callable returning the
+    batch mean). Under torchrun (``data_parallel=None``) every rank passes the same ``data`` and
+    takes a contiguous share of its batches; the products are all-reduced (``fastland.distributed``)."""
+    if bn_mode not in BN_MODES:
+        raise UserError(f"unknown bn_mode {bn_mode!r}; use {' or '.join(BN_MODES)}")
+    batches, task = prepare(model, data, loss_fn, batch_size)
+    num_samples = None
     if data_parallel is None:  # under torchrun, every rank takes a share of the batches
         data_parallel = distributed.current() is not None
-    if data_parallel:
-        batches = distributed.shard_batches(batches)
-    return HVPOperator(model, batches, loss, bn_mode=bn_mode, params=params, block=block, ad=ad, keep_graph=keep_graph,
-                       data_parallel=data_parallel)
+    if data_parallel and (ctx := distributed.current()) is not None:
+        if len(batches) < ctx.world_size:
+            raise UserError(f"data-parallel Hessian-vector products need a batch per rank: {len(batches)} batch(es) for "
+                            f"{ctx.world_size} ranks; use a smaller batch_size or more samples")
+        if batches.streamed:
+            num_samples = len(batches.data)  # every rank reads the same loader: the global N is known
+        batches = batches.share(ctx.rank, ctx.world_size)
+    return HVPOperator(model, batches, task_loss(task), bn_mode=bn_mode, params=params, block=block, ad=ad,
+                       keep_graph=keep_graph, data_parallel=data_parallel, channels_last=channels_last,
+                       num_samples=num_samples)
 
 
-def top_eigenvalues(model: nn.Module, data: Any, k: int = 1, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+def top_eigenvalues(model: nn.Module, data: Any, k: int = 1, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",
                     params: str | Sequence[str] | None = None, tol: float = 1e-3, max_iter: int | None = None,
                     seed: int = 0, batch_size: int | None = None, which: str = "largest", block: int = 1,
-                    ad: str | None = None, keep_graph: bool = False, progress: bool = False) -> EigenResult:
+                    ad: str | None = None, keep_graph: bool | str = "auto", progress: bool = False,
+                    channels_last: bool | str = "auto") -> EigenResult:
     """The k largest Hessian eigenvalues (numpy, largest first) and their eigenvectors.
 
     Unpacks as ``values, vectors`` (one ``{parameter name: tensor}`` per eigenvalue); the result
     also holds the residuals, the HVP count and the BN mode. ``tol`` bounds each pair's relative
     residual ``‖Hv − λv‖ / |λ|``; ``max_iter`` caps the HVPs (default ``max(100, 20k)``).
     ``which='magnitude'`` ranks by |λ| (what power iteration finds), ``'smallest'`` gives the most
-    negative first. ``block`` vectors per Lanczos step (1 needs the fewest HVPs); ``ad`` and
-    ``keep_graph`` choose how HVPs are made (see ``HVPOperator``).
+    negative first. ``block`` vectors per Lanczos step (1 needs the fewest HVPs); ``ad``,
+    ``keep_graph`` and ``channels_last`` choose how HVPs are made (see ``HVPOperator``).
     """
     _check_tol(tol)
-    op = operator(model, data, loss_fn, bn_mode, params, batch_size, block=block, ad=ad, keep_graph=keep_graph)
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, block=block, ad=ad, keep_graph=keep_graph,
+                  channels_last=channels_last)
     return lanczos(op, k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, block=block, progress=progress)
 
 
-def trace(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+def trace(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",
           params: str | Sequence[str] | None = None, tol: float = 1e-2, max_iter: int = 500, method: str = "hutch++",
-          seed: int = 0, batch_size: int | None = None, ad: str | None = None, keep_graph: bool = False,
-          progress: bool = False) -> TraceEstimate:
+          seed: int = 0, batch_size: int | None = None, ad: str | None = None, keep_graph: bool | str = "auto",
+          progress: bool = False, channels_last: bool | str = "auto") -> TraceEstimate:
     """The Hessian's trace, a float with ``.stderr``: sampling stops when the standard error is at
     most ``tol · |trace|`` or after ``max_iter`` HVPs (see ``estimate_trace``)."""
     _check_tol(tol)
-    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph)
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph,
+                  channels_last=channels_last)
     return estimate_trace(op, method=method, tol=tol, max_iter=max_iter, seed=seed, progress=progress)
 
 
-def density(model: nn.Module, data: Any, loss_fn: LossFn | None = None, bn_mode: str = "eval",
+def density(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",
             params: str | Sequence[str] | None = None, runs: int = 4, steps: int = 80, sigma: float | None = None,
             points: int = 1000, seed: int = 0, batch_size: int | None = None, ad: str | None = None,
-            keep_graph: bool = False, progress: bool = False) -> Density:
+            keep_graph: bool | str = "auto", progress: bool = False, channels_last: bool | str = "auto") -> Density:
     """The Hessian's spectral density by stochastic Lanczos quadrature. Unpacks as ``grid, density``."""
-    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph)
+    op = operator(model, data, loss_fn, bn_mode, params, batch_size, ad=ad, keep_graph=keep_graph,
+                  channels_last=channels_last)
     return spectral_density(op, runs=runs, steps=steps, sigma=sigma, points=points, seed=seed, progress=progress)
+
+
+def curvature_map(model: nn.Module, data: Any, surface: Any, **kwargs: Any) -> Any:
+    """λmax, λmin and |λmin/λmax| over a surface's grid (Li et al., Sec. 6): see ``fastland.curvature.curvature_map``."""
+    from fastland import curvature
+
+    return curvature.curvature_map(model, data, surface, **kwargs)

@@ -179,7 +179,7 @@ def test_set_point_moves_the_operator(keep_graph: bool) -> None:
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
     op.set_point(op.space.flatten(moved))
-    fresh = hessian.operator(moved, (x, y), batch_size=12, bn_mode="batch")
+    fresh = hessian.operator(moved, (x, y), batch_size=12, bn_mode="batch", keep_graph=keep_graph)
     assert _rel(op.hvp(v), fresh.hvp(v)) < 1e-6
     assert abs(op.loss() - fresh.loss()) < 1e-6
 
@@ -441,8 +441,9 @@ def test_bad_input_is_one_line() -> None:
     with pytest.raises(UserError) as e:
         hessian.top_eigenvalues(models.randomized("lenet_bn"), (x[:9], y[:9]), bn_mode="batch", batch_size=4)
     assert "batch of one" in _one_line(e)
-    with pytest.raises(UserError):
-        hessian.trace(model, [x, y])
+    with pytest.raises(UserError) as e:  # data as fastland.surface takes it: not a list of batches
+        hessian.trace(model, [(x, y), (x, y)])
+    assert "data must be" in _one_line(e)
     with pytest.raises(UserError):
         hessian.trace(model, (x, y[:3]))
 
