@@ -83,6 +83,7 @@ AD_MODES = ("forward", "reverse")
 WHICH = ("largest", "smallest", "magnitude", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
 TOL_SCALES = ("eigenvalue", "norm")
+EXACT_TRACE_MAX = 64  # parameter groups this small get their trace exactly (per-layer traces of biases, BN)
 DEFAULT_BATCH_SIZE = 256  # per-HVP time is flat from 128 to 1024 images a batch on the CPU (LeNet-BN, ResNet-20)
 MAX_BLOCK_CPU = 4  # the vmapped block that block='auto' weighs against one vector at a time
 MAX_BLOCK_CUDA = 16
@@ -172,8 +173,8 @@ def select_params(model: nn.Module, params: str | Sequence[str] | None = None,
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         chosen = [i for i in space.infos if i.name not in frozen]
         if not chosen:
-            raise UserError("no parameter of the model requires grad (all are frozen); unfreeze some "
-                            "(requires_grad_(True)) or name them with params=")
+            raise UserError("no parameter of the model requires grad (all are frozen): there is no Hessian to take; "
+                            "unfreeze some (requires_grad_(True)) or name them with params= (--params)")
         return ParamGroup(space, tuple(chosen))
     patterns = [params] if isinstance(params, str) else list(params)
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
@@ -391,6 +392,7 @@ class HVPOperator:
         self.block_timings: dict[int, float] = {}  # block='auto': seconds per vector and probe sample
         self.hvps = 0  # vectors multiplied so far (each is one full pass's worth of HVP work)
         self.context = ""  # what the caller is doing, for error messages ("Lanczos step 7")
+        self.loss_name = getattr(loss_fn, "__name__", type(loss_fn).__name__)  # operator() sets the resolved Task's name
         self._checked_gradient = False
         self.set_point(self.space.flatten(model).to(self.dtype))
 
@@ -929,7 +931,8 @@ def _check_tol(tol: float) -> None:
 def estimate_trace(op: HVPOperator, method: str = "hutch++", tol: float = 1e-2, max_iter: int = 500,
                    sketch: int | None = None, min_samples: int = 10, seed: int = 0,
                    progress: bool = False) -> TraceEstimate:
-    """tr(H) by Hutchinson (Rademacher ``v``: ``E[vᵀHv] = tr H``) or Hutch++.
+    """tr(H) by Hutchinson (Rademacher ``v``: ``E[vᵀHv] = tr H``) or Hutch++; exactly (``Σ e_iᵀHe_i``,
+    ``method='exact'``) for at most ``EXACT_TRACE_MAX`` parameters, which costs fewer products.
 
     Samples are drawn in blocks of ``op.block`` (one vmapped pass each) until the standard error
     is at most ``tol·|trace|`` (after ``min_samples``) or ``max_iter`` HVPs have been spent (a
@@ -942,13 +945,22 @@ def estimate_trace(op: HVPOperator, method: str = "hutch++", tol: float = 1e-2, 
         raise UserError(f"unknown trace method {method!r}; use {' or '.join(TRACE_METHODS)}")
     _check_tol(tol)
     n = op.numel
+    started = time.perf_counter()
+    # A small block: n products give the trace exactly, with no sampling.
+    if n <= EXACT_TRACE_MAX and (not isinstance(max_iter, int) or n <= max_iter):
+        op.context = "exact trace"
+        eye = torch.eye(n, device=op.device, dtype=op.dtype)
+        total = sum(float(torch.diagonal(op.hvp(eye[i : i + 16])[:, i : i + 16]).double().sum()) for i in range(0, n, 16))
+        op.context = ""
+        return TraceEstimate(total, stderr=0.0, samples=np.zeros(0), exact_part=total, method="exact", hvps=n,
+                             converged=True, tol=tol, bn_mode=op.bn_mode, params=op.group.names,
+                             num_samples=op.num_samples, seconds=time.perf_counter() - started)
     if sketch is None:
         sketch = min(16, max(1, n // 4))
     if method == "hutch++" and not 1 <= sketch < n:
         raise UserError(f"sketch must be between 1 and {n - 1} (the number of parameters - 1), got {sketch}")
     if not isinstance(max_iter, int) or max_iter < (2 * sketch if method == "hutch++" else 0) + 2:
         raise UserError(f"max_iter ({max_iter}) leaves no room for samples; raise it")
-    started = time.perf_counter()
     gen = _generator(seed)
     bar = _progress(max_iter, f"trace ({method})", progress)
     hvps = 0
@@ -1143,9 +1155,11 @@ def operator(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, b
         if batches.streamed:
             num_samples = len(batches.data)  # every rank reads the same loader: the global N is known
         batches = batches.share(ctx.rank, ctx.world_size)
-    return HVPOperator(model, batches, task_loss(task), bn_mode=bn_mode, params=params, block=block, ad=ad,
-                       keep_graph=keep_graph, data_parallel=data_parallel, channels_last=channels_last,
-                       num_samples=num_samples)
+    op = HVPOperator(model, batches, task_loss(task), bn_mode=bn_mode, params=params, block=block, ad=ad,
+                     keep_graph=keep_graph, data_parallel=data_parallel, channels_last=channels_last,
+                     num_samples=num_samples)
+    op.loss_name = task.name
+    return op
 
 
 def top_eigenvalues(model: nn.Module, data: Any, k: int = 1, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",
@@ -1195,3 +1209,9 @@ def curvature_map(model: nn.Module, data: Any, surface: Any, **kwargs: Any) -> A
     from fastland import curvature
 
     return curvature.curvature_map(model, data, surface, **kwargs)
+
+
+if __name__ == "__main__":  # python -m fastland.hessian: the CLI (fastland.hessian_cli) on the imported module
+    from fastland.hessian_cli import main
+
+    main()
