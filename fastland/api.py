@@ -190,7 +190,8 @@ def surface(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, *,
     ``range``. δ, η are seeded Gaussian directions normalized per filter (``norm``: filter,
     layer or none) with biases and BN parameters left still (``ignore='biasbn'``), as Li et
     al.; or the ``directions`` given (one or two ``{name: tensor}`` dicts or flat vectors, used
-    as they are). ``bn_mode='eval'`` uses BN's running statistics; ``'batch'`` normalizes each
+    as they are), or ``directions='hessian'``: the top Hessian eigenvectors at θ, each scaled to the
+    length a random direction has (``fastland.curvature``). ``bn_mode='eval'`` uses BN's running statistics; ``'batch'`` normalizes each
     batch of ``batch_size`` with its own statistics. Returns a ``Surface`` (``x``, ``y``,
     ``loss``, ``metrics``, ``directions``, ``path``); the caller's model is never changed.
 
@@ -207,6 +208,18 @@ def surface(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, *,
     if directions is None:
         dirs = dir_mod.make(space, theta, dim, seed, norm, ignore)
         meta = {"direction": "random", "direction_seed": seed, "norm": norm, "ignore": ignore}
+    elif isinstance(directions, str):
+        if directions != "hessian":
+            raise UserError(f"unknown directions {directions!r}; use 'hessian' (the top Hessian eigenvectors), None "
+                            "(random) or give the directions")
+        from fastland import curvature  # the top `dim` eigenvectors at θ, scaled like random directions (its docstring)
+
+        if progress:
+            print(f"directions: the top {dim} Hessian eigenvector(s) at the weights (bn_mode {bn_mode})", flush=True)
+        dirs, meta = curvature.hessian_directions(model, evalset, loss_fn, dim=dim, norm=norm, ignore=ignore,
+                                                  bn_mode=bn_mode, batch_size=batch_size, seed=seed, out=out,
+                                                  overwrite=overwrite, progress=progress)
+        dirs = dirs.to(dev)
     else:
         dirs = _given_directions(directions, space, dev)
         dim = dirs.shape[0]
