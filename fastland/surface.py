@@ -40,17 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m fastland.surface", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help=f"a built-in model ({', '.join(models.MODELS)}) or yours as package.module:factory (a class or "
-                        f"function returning an nn.Module, importable from PYTHONPATH). Default: the model the "
-                        f"--checkpoint names, else {DEFAULT_MODEL}")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="an argument for the model factory (repeat it); values are Python literals or strings")
-    g.add_argument("--checkpoint", default=None,
-                   help="trained weights: a fastland checkpoint (it names its model) or a plain state_dict file "
-                        "(with --model). When omitted: reuse runs/MODEL-DATA/final.pt or train one with the trainer's "
-                        "defaults")
+    g = add_model_args(p)
     g.add_argument("--to", default=None, metavar="CHECKPOINT",
                    help="evaluate the straight line from --checkpoint to this checkpoint (Goodfellow et al.) instead "
                         "of random directions; the range then defaults to -0.5 1.5")
@@ -68,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore", default="biasbn", choices=dir_mod.IGNORES,
                    help="biasbn (default): zero direction on biases and BN parameters; none: use θ there (official code)")
     g.add_argument("--seed", type=int, default=0, help="direction seed: the same directions on every device (default 0)")
+    g.add_argument("--directions", default="random", choices=("random", "hessian"),
+                   help="random (default): seeded Gaussian directions, normalized by --norm; hessian: the top two Hessian "
+                        "eigenvectors at the weights (in --bn-mode), each scaled to the length a random direction has "
+                        "(--norm none: unit length); the eigenvalues are recorded in the file")
+    g = p.add_argument_group("curvature (Li et al., Sec. 6)")
+    g.add_argument("--curvature", action="store_true",
+                   help="after the loss, map the Hessian's largest and smallest eigenvalues and |λmin/λmax| over the grid "
+                        "into the same file (train_lambda_max, train_lambda_min, train_curvature_ratio; resumable) and "
+                        "draw them; one Lanczos run per point, each tens of Hessian-vector products over the samples")
+    g.add_argument("--curvature-stride", type=int, default=1, metavar="S",
+                   help="with --curvature: every S-th grid point per axis (default 1: all of them)")
+    g.add_argument("--curvature-tol", type=float, default=1e-3, metavar="TOL",
+                   help="with --curvature: ‖Hv − λv‖ ≤ TOL·‖H‖ for λmax and λmin at every point (default 1e-3: the ratio "
+                        "within about 0.001)")
     add_evaluation_args(p)
     add_output_args(p, "surface file (default surfaces/MODEL-DATA-SPLITN-GRID.h5); refused if it holds a surface with "
                        "other settings")
@@ -75,7 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The option groups the trajectory CLI (python -m fastland.trajectory) shares with this one.
+# The option groups the trajectory and Hessian CLIs (python -m fastland.trajectory, fastland.hessian) share with this one.
+def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model options: --model, --model-arg, --checkpoint (see ``resolve_model``); returns the group."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help=f"a built-in model ({', '.join(models.MODELS)}) or yours as package.module:factory (a class or "
+                        f"function returning an nn.Module, importable from PYTHONPATH). Default: the model the "
+                        f"--checkpoint names, else {DEFAULT_MODEL}")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument for the model factory (repeat it); values are Python literals or strings")
+    g.add_argument("--checkpoint", default=None,
+                   help="trained weights: a fastland checkpoint (it names its model) or a plain state_dict file "
+                        "(with --model). When omitted: reuse runs/MODEL-DATA/final.pt or train one with the trainer's "
+                        "defaults")
+    return g
+
+
 def add_data_args(p: argparse.ArgumentParser, data_default: str | None = "auto", data_help: str | None = None) -> None:
     """The data options: --data, --split, --samples, --sample-seed, --loss."""
     g = p.add_argument_group("data")
@@ -161,6 +181,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--range values must be finite numbers, got {' '.join(str(v) for v in rng)}")
     api._grid(args.dim, (nx, ny), rng)  # increasing, non-empty
     args.grid_range = rng
+    if args.to and (args.curvature or args.directions == "hessian"):
+        raise UserError(f"--{'curvature' if args.curvature else 'directions hessian'} is for a surface around one "
+                        "model; drop --to")
+    if args.curvature_stride < 1:
+        raise UserError(f"--curvature-stride must be at least 1, got {args.curvature_stride}")
+    if not (math.isfinite(args.curvature_tol) and args.curvature_tol > 0):
+        raise UserError(f"--curvature-tol must be a positive number, got {args.curvature_tol}")
     check_evaluation_args(args)
     data_mod.check_spec(args.data)
     data_mod.parse_samples(args.samples)
@@ -230,11 +257,22 @@ def run(args: argparse.Namespace) -> Path:
     else:
         surface = api.surface(model, evalset, dim=args.dim, res=(args.nx, args.ny), range=args.grid_range,
                               norm=args.norm, ignore=args.ignore, seed=args.seed, chunk=args.chunk, attrs=attrs,
-                              shard=distributed.SHARD_CHOICES[args.shard], **common)
+                              shard=distributed.SHARD_CHOICES[args.shard],
+                              directions="hessian" if args.directions == "hessian" else None, **common)
+    cmap = None
+    if args.curvature:  # the maps go into the same file, beside the loss
+        from fastland import curvature
+
+        cmap = curvature.curvature_map(model, evalset, out, loss_fn=common["loss_fn"], stride=args.curvature_stride,
+                                       bn_mode=args.bn_mode, tol=args.curvature_tol, batch_size=args.batch_size,
+                                       overwrite=args.overwrite)
+        surface = surfacefile.read(out, directions=True)
     if not writer:
         return out
     outputs = [] if args.no_render else render(surface, out)
     summary(surface, out, outputs)
+    if cmap is not None:
+        print("\n".join(curvature.summary_lines(cmap)))
     return out
 
 
@@ -248,9 +286,11 @@ def render(surface: surfacefile.Surface, path: Path) -> list[Path]:
 
         print("PyVista is not installed: 3-D renders skipped, matplotlib plot only (install the viz extra: "
               "pip install -e .[viz])")
-        if surface.dim == 1:
-            return [plots.line_png(surface, Path(f"{prefix}_1d.png"))]
-        return [plots.contour_png(surface, Path(f"{prefix}_map.png"))]
+        outputs = [plots.line_png(surface, Path(f"{prefix}_1d.png")) if surface.dim == 1
+                   else plots.contour_png(surface, Path(f"{prefix}_map.png"))]
+        if plots.has_curvature(surface):
+            outputs.append(plots.curvature_png(surface, Path(f"{prefix}_curvature.png")))
+        return outputs
     return viz_render.render_outputs(path, str(prefix))
 
 
