@@ -1,4 +1,4 @@
-"""Matplotlib pictures of loss surfaces: the top-down contour map and 1-D line plots.
+"""Matplotlib pictures of loss surfaces: the top-down contour map, 1-D line plots, curvature maps, Hessian spectra.
 
 Figures are made with ``matplotlib.figure.Figure`` rather than pyplot, so writing them needs
 no GUI backend and leaves the caller's pyplot state alone. They need no PyVista, so they work
@@ -181,3 +181,117 @@ def line_outputs(surface: Surface, prefix: str, size: tuple[int, int] | None = N
     """The outputs of a 1-D surface, ``PREFIX_1d.png`` and ``PREFIX_1d_log.png``, yielded as each is written."""
     yield line_png(surface, prefix + "_1d.png", size=size)
     yield line_png(surface, prefix + "_1d_log.png", log=True, size=size)
+
+
+# --- curvature (fastland.curvature) ----------------------------------------------------------
+CURVATURE_NAMES = ("lambda_max", "lambda_min", "curvature_ratio")
+
+
+def has_curvature(surface: Surface) -> bool:
+    """Whether the surface holds a curvature map (``fastland.curvature``) with at least one computed point."""
+    done = surface.extras.get("curvature_done")
+    return done is not None and f"{surface.split}_curvature_ratio" in surface.extras and bool((done != 0).any())
+
+
+def curvature_grid(surface: Surface) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray]:
+    """The map's own grid (every ``curvature_stride``-th point), its three maps (NaN where not computed) and the
+    done mask there (0 not computed, 1 converged, 2 stopped at max_iter)."""
+    s = max(1, int(surface.attrs.get("curvature_stride", 1)))
+    sub = (slice(None, None, s),) * surface.loss.ndim
+    done = surface.extras["curvature_done"][sub]
+    maps = {n: np.where(done != 0, surface.extras[f"{surface.split}_{n}"][sub], np.nan) for n in CURVATURE_NAMES}
+    return surface.x[::s], None if surface.y is None else surface.y[::s], maps, done
+
+
+def _curvature_notes(surface: Surface, done: np.ndarray) -> list[str]:
+    a = surface.attrs
+    notes = [f"Hessian in bn_mode {a.get('curvature_bn_mode', '?')} on {a.get('curvature_samples', '?')} samples; "
+             f"‖Hv − λv‖ ≤ {a.get('curvature_tol', '?')}·‖H‖ at every point (Lanczos, both ends); stride "
+             f"{a.get('curvature_stride', 1)}"]
+    if (done == 0).any():
+        notes.append(f"{int((done == 0).sum())} of {done.size} points not computed yet (blank)")
+    if (done == 2).any():
+        notes.append(f"{int((done == 2).sum())} points stopped at max_iter before converging (their estimates shown)")
+    return notes
+
+
+def curvature_png(surface: Surface, path: str | Path, size: tuple[int, int] | None = None) -> Path:
+    """Li et al.'s curvature maps (Sec. 6): λmax, λmin and |λmin/λmax| over the grid, with the loss's contour
+    lines on each panel; a 1-D surface gives λmax and λmin along α with the ratio on a second axis."""
+    if not has_curvature(surface):
+        raise UserError(f"{surface.path} holds no curvature map; compute one with --curvature (python -m fastland.surface) "
+                        "or python -m fastland.hessian --map")
+    x, y, maps, done = curvature_grid(surface)
+    notes = _curvature_notes(surface, done)
+    if y is None:
+        fig = _figure((8, 5), size)
+        ax = fig.subplots()
+        ax.plot(x, maps["lambda_max"], "o-", color="tab:red", label="λmax")
+        ax.plot(x, maps["lambda_min"], "o-", color="tab:blue", label="λmin")
+        ax.axhline(0, color="gray", linewidth=0.6)
+        ax.set_xlabel("α")
+        ax.set_ylabel("eigenvalue")
+        twin = ax.twinx()
+        twin.plot(x, maps["curvature_ratio"], "s--", color="tab:purple", label="|λmin/λmax|")
+        twin.set_ylabel("|λmin/λmax|", color="tab:purple")
+        handles = [a + b for a, b in zip(ax.get_legend_handles_labels(), twin.get_legend_handles_labels(), strict=True)]
+        ax.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3, fontsize=8, frameon=False)
+        ax.grid(alpha=0.3)
+        _header(fig, ax, surface, notes)
+        return _save(fig, path, notes)
+    fig = _figure((18, 6), size)
+    axes = fig.subplots(1, 3)
+    log = spans_decades(surface)
+    lz = scaled(surface, "loss", log).z
+    panels = (("lambda_max", "λmax", "viridis"), ("lambda_min", "λmin", "coolwarm"),
+              ("curvature_ratio", "|λmin / λmax|", "magma"))
+    for ax, (key, label, cmap) in zip(axes, panels, strict=True):
+        z = np.ma.masked_invalid(maps[key])
+        kw: dict = {}
+        if key == "lambda_min" and np.nanmin(maps[key]) < 0 < np.nanmax(maps[key]):
+            kw["norm"] = matplotlib.colors.TwoSlopeNorm(vcenter=0.0)  # blue below 0, red above
+        elif key == "lambda_min":
+            cmap = "Blues_r" if np.nanmax(maps[key]) <= 0 else "Reds"  # one sign: darker is farther from 0
+        elif key == "curvature_ratio":
+            kw["vmin"] = 0.0
+        mesh = ax.pcolormesh(x, y, z, cmap=cmap, shading="nearest", **kw)
+        fig.colorbar(mesh, ax=ax, shrink=0.85, label=label)
+        if np.isfinite(lz).sum() > 3:
+            levels = _round_levels(float(np.nanmin(lz)), float(np.nanmax(lz)), log, 10)
+            if len(levels):
+                lines = ax.contour(surface.x, surface.y, np.ma.masked_invalid(lz), levels=levels, colors="white",
+                                   linewidths=0.6, alpha=0.8)
+                ax.clabel(lines, lines.levels[::2], fmt=lambda v: f"{10**v:.3g}" if log else f"{v:.3g}", fontsize=6)
+        ax.plot(0, 0, marker="+", color="red", markersize=12)
+        ax.set_aspect("equal")
+        ax.set_xlabel("α")
+        ax.set_ylabel("β")
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title(surface) + "  —  white lines: the loss", fontsize=10)
+    if warning(surface):
+        notes.insert(0, warning(surface))
+    fig.text(0.01, 0.005, "\n".join(notes), fontsize=7.5, color="dimgray", va="bottom", wrap=True)
+    return _save(fig, path, notes)
+
+
+def density_png(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str | Path, heading: str,
+                marks: dict[str, list[float]] | None = None, size: tuple[int, int] | None = None) -> Path:
+    """The Hessian's spectral density (stochastic Lanczos quadrature, ``fastland.hessian.density``) on a log scale,
+    one curve per ``(label, grid, density)``, with dashed lines at the eigenvalues in ``marks`` (per label)."""
+    fig = _figure((8, 5), size)
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"]
+    for k, (label, grid, rho) in enumerate(curves):
+        floor = max(float(np.max(rho)) * 1e-7, 1e-300)
+        ax.semilogy(grid, np.maximum(rho, floor), color=colours(k), linewidth=1.4, label=label)
+        for v in (marks or {}).get(label, []):
+            ax.axvline(v, color=colours(k), linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (integrates to 1)")
+    ax.set_title(heading, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    notes = ["dashed: the top eigenvalues from Lanczos"] if marks else []
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7.5, color="dimgray", va="bottom")
+    return _save(fig, path, notes)

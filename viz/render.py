@@ -545,14 +545,17 @@ def iter_outputs(surface: Surface | str | Path, out_prefix: str | Path, view: Vi
 
     2-D loss: ``_3d.png`` (linear), ``_3d_log.png``, ``_map.png`` (matplotlib), ``.vts``,
     ``.html`` and ``.gltf``; accuracy (``view.quantity == "acc"``): the same without
-    ``_3d_log.png``. 1-D: ``_1d.png`` and ``_1d_log.png`` line plots. Names are ``out_prefix``
+    ``_3d_log.png``; with a curvature map also ``_curvature.png`` (matplotlib) and ``_curvature_3d.png``
+    (the surface coloured by |λmin/λmax|). 1-D: ``_1d.png`` and ``_1d_log.png`` line plots. Names are ``out_prefix``
     plus these suffixes. ``view`` sets the colour map, contour lines and height of all of them.
     """
-    from .plots import contour_png, line_outputs
+    from .plots import contour_png, curvature_png, has_curvature, line_outputs
 
     surface, prefix, view = _surface(surface), str(out_prefix), view or View()
     if surface.dim == 1:
         yield from line_outputs(surface, prefix, size)
+        if has_curvature(surface):
+            yield curvature_png(surface, prefix + "_curvature.png", size=size)
         return
     if size:
         check_size(size)
@@ -565,12 +568,71 @@ def iter_outputs(surface: Surface | str | Path, out_prefix: str | Path, view: Vi
                       cmap=view.cmap, contours=view.contours, size=size)
     yield export_vts(surface, prefix + ".vts")
     yield from _scene_outputs(surface, prefix, view)
+    if has_curvature(surface):  # fastland.curvature's maps, stored beside the loss
+        yield curvature_png(surface, prefix + "_curvature.png", size=size)
+        yield curvature_screenshot(surface, prefix + "_curvature_3d.png", size=size)
 
 
 def render_outputs(surface_path: str | Path, out_prefix: str | Path, size: tuple[int, int] | None = None,
                    view: View | None = None) -> list[Path]:
     """Write every offscreen output of one surface file (see ``iter_outputs``); return the paths written."""
     return list(iter_outputs(surface_path, out_prefix, view, size))
+
+
+# --- curvature -------------------------------------------------------------------------
+def _interpolate(xs: np.ndarray, ys: np.ndarray, z: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``z`` given on the grid ``(ys, xs)``, bilinear on the grid ``(y, x)`` (NaN spreads to its neighbours)."""
+    rows = np.stack([np.interp(x, xs, z[j]) for j in range(len(ys))])
+    return np.stack([np.interp(y, ys, rows[:, i]) for i in range(len(x))], axis=1)
+
+
+def curvature_plotter(surface: Surface, view: View, size: tuple[int, int] = SIZE, off_screen: bool = True) -> pv.Plotter:
+    """The 3-D loss surface (heights, contours, minimum, axes as ``add_landscape`` draws them) coloured by Li et al.'s
+    |λmin/λmax| instead of the loss: dark where it is locally convex, bright where it is strongly non-convex. A map
+    computed on every s-th point is interpolated bilinearly onto the loss's grid; points without one are grey."""
+    from .plots import curvature_grid
+
+    plotter = new_plotter(size, off_screen)
+    s = add_landscape(plotter, surface, view, scalar_bar=False)
+    xs, ys, maps, _ = curvature_grid(surface)
+    ratio = maps["curvature_ratio"]
+    if len(xs) > 1 and len(ys) > 1:
+        ratio = _interpolate(xs, ys, ratio, surface.x, surface.y)
+    lo, hi = s.clim
+    box = _Box.around(surface, view, lo, hi)
+    x, y = np.meshgrid(surface.x, surface.y)
+    grid = pv.StructuredGrid(x, y, np.where(s.missing, 0.0, box.height(np.clip(np.where(s.diverged, hi, s.z), lo, hi))))
+    name = "∣λmin/λmax∣"  # U+2223: VTK's text drops the ASCII bar
+    grid[name] = ratio.ravel(order="F")
+    grid["evaluated"] = (~s.missing).ravel(order="F").astype(np.uint8)
+    mesh = grid.threshold(0.5, scalars="evaluated", all_scalars=True) if s.missing.any() else grid
+    top = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0
+    plotter.add_mesh(
+        mesh.extract_surface(algorithm=None), scalars=name, cmap="magma", clim=(0.0, max(top, 1e-12)), nan_color="lightgray",
+        smooth_shading=True, specular=0.2, name="surface0",  # replaces the loss-coloured surface
+        scalar_bar_args=dict(title=name + "\n", vertical=True, position_x=0.90, position_y=0.22, width=0.04, height=0.56,
+                             fmt="%.3g", n_labels=6, title_font_size=font_size(plotter, 20),
+                             label_font_size=font_size(plotter, 17), color="black"))
+    bar = plotter.scalar_bars[name + "\n"]
+    _fonts(bar.GetTitleTextProperty(), bar.GetLabelTextProperty())
+    plotter.add_text(f"height: the loss · colour: {name} (Li et al., Sec. 6)", position=(0.99, 0.03), viewport=True,
+                     font_size=font_size(plotter, 16), color="dimgray", font_file=FONT,
+                     name="curvature_key").GetTextProperty().SetJustificationToRight()
+    default_camera(plotter)
+    return plotter
+
+
+def curvature_screenshot(surface: Surface | str | Path, path: str | Path, view: View | None = None,
+                         size: tuple[int, int] | None = None) -> Path:
+    """Write the 3-D surface coloured by |λmin/λmax| (``curvature_plotter``); the view defaults to a log scale
+    when the loss spans two decades."""
+    surface = _surface(surface)
+    if surface.dim != 2:
+        raise UserError(f"{surface.path} is a 1-D surface; the 3-D curvature picture needs a 2-D one")
+    view = view or View(log=spans_decades(surface))
+    size = size or SIZE
+    check_size(size)
+    return _save(curvature_plotter(surface, view, size), Path(path))
 
 
 # --- trajectories ------------------------------------------------------------------------
