@@ -276,7 +276,7 @@ def scaling_model(data: dict[str, object]) -> str:
         "Per chunk of P points, a rank sends its result (32 B + 16 B a point, fp64 loss and accuracy) to the TCP "
         "store on the rendezvous host and rank 0 pops it (the same bytes again), plus a claim of ~170 B; "
         "about 33 B a point on the wire in all (table above). Besides: the plan (run-length coded pending points) "
-        "and, at the end, the surface broadcast to every rank (17 B a point, once); heartbeats (~40 B per rank "
+        "and, at the end, the surface for every rank (17 B a point from the store to each, once); heartbeats (~40 B per rank "
         "per second, and a read of all 32 counters).",
         "",
         "- **Demand.** The engine sizes chunks for ~2 s of work (`CHUNK_SECONDS`), cut to at least 4 chunks a "

@@ -11,7 +11,9 @@ process group) is present.
 **One process per device.** Every rank computes on ``cuda:LOCAL_RANK`` (or the CPU), builds the
 same evaluator (the directions are seeded, so every rank computes the same ones; a hash of every
 setting, the directions, the weights and the data is compared across ranks, and a rank with other
-settings stops every rank with one line). The process group is NCCL on GPUs and gloo on CPUs.
+settings stops every rank with one line). The process group (NCCL on GPUs, gloo on CPUs) is made
+when a collective first needs it (sharded data, data-parallel Hessian products); the chunk queue and
+the results go through the launcher's TCP store alone.
 
 **A shared chunk queue, one writer.** The pending points (from the file's ``done`` mask, whatever
 the world size of earlier runs) are cut into chunks; ranks *pull* chunk numbers from a counter in
@@ -54,6 +56,7 @@ import io
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -285,6 +288,8 @@ class Context:
                 waiting = sorted({o for k, o in zip(keys, owners, strict=True) if not store.check([k])})
                 beats = self.store.multi_get([f"beat/{r}" for r in waiting]) if waiting else []
                 left = [r for r, b in zip(waiting, beats, strict=True) if int(b) < 0]
+                if left and self.store.check(["abort"]):  # it said why
+                    raise PeerLost(self.store.get("abort").decode())
                 if left:
                     raise PeerLost(f"rank {left[0]} ended before this step (it failed: see its own error line)")
             time.sleep(_backoff(step))
@@ -404,9 +409,26 @@ class Context:
         finally:
             self._active -= 1
 
+    def group(self) -> None:
+        """The default process group (NCCL on GPUs, gloo on CPUs), made on the first collective: the
+        chunk queue needs only the store, so a plain surface run never opens NCCL/gloo connections."""
+        if dist.is_initialized():
+            return
+        kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
+        try:
+            dist.init_process_group(self.backend, store=dist.PrefixStore(f"{self.launch.namespace}/pg", self._base),
+                                    rank=self.rank, world_size=self.world_size,
+                                    timeout=dt.timedelta(seconds=self.timeout), **kwargs)
+        except (dist.DistError, RuntimeError) as err:
+            self.check()
+            raise UserError(f"rank {self.rank}: the {self.backend} process group could not start "
+                            f"({one_line(err)[:200]})" + self._note()) from None
+        self._owns_group = True
+
     def collective(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a collective; a peer lost during it becomes ``PeerLost`` (not torch's error text)."""
         self.check()
+        self.group()
         try:
             return fn(*args, **kwargs)
         except (dist.DistError, RuntimeError) as err:
@@ -427,7 +449,9 @@ class Context:
             self._watcher.join(timeout=2 * self.period + 1)
         with contextlib.suppress(Exception):
             self.store.set(f"beat/{self.rank}", "-1")
-        if self._server is not None and self._failure is None:  # the peers still need the store until they leave
+        # The store's host waits for the peers, which still need it; with a process group every rank
+        # waits, so that none closes its connections under a peer still using them.
+        if (self._server is not None or self._owns_group) and self._failure is None:
             deadline = time.monotonic() + self.timeout
             with contextlib.suppress(Exception):
                 keys = [f"beat/{r}" for r in range(self.world_size)]
@@ -549,9 +573,10 @@ def _check_backend(backend: str, launch: Launch) -> tuple[str, str | None]:
 def init(backend: str = "auto", timeout: float | None = None) -> Context | None:
     """Join the distributed job this process was launched into (None when it was not, or alone).
 
-    Connects to the launcher's store (rank 0 hosts it without torchrun), meets every peer, starts
-    the heartbeat and initializes the default process group (NCCL on GPUs, gloo on CPUs, each rank
-    on ``cuda:LOCAL_RANK``) unless the caller already did. Idempotent.
+    Connects to the launcher's store (rank 0 hosts it without torchrun), meets every peer and starts
+    the heartbeat; each rank computes on ``cuda:LOCAL_RANK`` (or the CPU). The default process group
+    (``backend``: NCCL on GPUs, gloo on CPUs) is made by the first collective (``Context.group``),
+    unless the caller made one already. Idempotent.
     """
     global _CTX
     if _CTX is not None:
@@ -567,23 +592,18 @@ def init(backend: str = "auto", timeout: float | None = None) -> Context | None:
     if launch is None or launch.world_size == 1:
         return None
     log = None if os.environ.get("FASTLAND_DIST_DEBUG") else _CppLog()
+    ctx = None
     try:
         backend, error = _check_backend(backend, launch)
         store, server = _connect(launch, t)
-        ctx = Context(launch, backend, t, store, server, log, owns_group=True)
+        ctx = Context(launch, backend, t, store, server, log, owns_group=False)
         ctx.join(error)
         if backend == "nccl":
             torch.cuda.set_device(ctx.device)
-        kwargs = {"device_id": ctx.device} if backend == "nccl" else {}
-        try:
-            dist.init_process_group(backend, store=dist.PrefixStore(f"{launch.namespace}/pg", store), rank=launch.rank,
-                                    world_size=launch.world_size, timeout=dt.timedelta(seconds=t), **kwargs)
-        except (dist.DistError, RuntimeError) as err:
-            ctx.check()
-            raise UserError(f"rank {launch.rank}: the {backend} process group could not start ({one_line(err)[:200]})"
-                            + ctx._note()) from None
     except BaseException:
-        if log is not None:
+        if ctx is not None:  # leave as on success: a rank 0 that hosts the store waits until the peers have read it
+            ctx.shutdown()
+        elif log is not None:
             log.close()
         raise
     _CTX = ctx
@@ -983,15 +1003,11 @@ def run_surface(ctx: Context, model: torch.nn.Module, space: Any, theta: torch.T
                 assert isinstance(sink, api._MemorySink)
                 result = surfacefile.Surface(x, y, sink.loss, {"accuracy": sink.acc} if sink.acc is not None else {},
                                              sink.done, attrs | sink.extra_attrs, None, directions, dict(extras or {}))
-            sess.publish("final", "1")
-            box: list[Any] = [{"loss": result.loss, "metrics": result.metrics, "done": result.done,
-                               "attrs": result.attrs, "extras": result.extras}]
-            ctx.collective(dist.broadcast_object_list, box, src=0, device=ctx.device)
+            # Every rank returns the surface: 17 B a point through the store (once per run).
+            sess.publish("final", pickle.dumps({"loss": result.loss, "metrics": result.metrics, "done": result.done,
+                                                "attrs": result.attrs, "extras": result.extras}))
             return result
-        sess.fetch("final")
-        box = [None]
-        ctx.collective(dist.broadcast_object_list, box, src=0, device=ctx.device)
-        got = box[0]
+        got = pickle.loads(sess.fetch("final"))
         return surfacefile.Surface(x, y, got["loss"], got["metrics"], got["done"], got["attrs"], path, directions,
                                    got["extras"])
 

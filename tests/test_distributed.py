@@ -295,8 +295,10 @@ def test_without_torchrun_a_lost_peer_ends_the_job_within_the_timeout(work: Path
     ranks[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     code, _, err = finish(ranks[0])
+    took = time.monotonic() - killed
     ranks[1].wait()
-    assert code == 2 and time.monotonic() - killed < 4 * 1.5 + 3, err  # stated bound: 1.5 x --dist-timeout
+    # The stated bound: 1.5 x --dist-timeout to the error line, then the process's exit (seconds on a busy 2-core box).
+    assert code == 2 and took < 4 * 1.5 + 8, (took, err)
     lines = error_lines(err)
     assert len(lines) == 1 and "rank 1" in lines[0] and "stopped responding for 4 s" in lines[0], err
     assert 0 < done_count(out) < 961
