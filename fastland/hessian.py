@@ -889,13 +889,15 @@ def lanczos(op: HVPOperator, k: int = 1, which: str = "largest", tol: float = 1e
     started = time.perf_counter()
     run = LanczosRun(op.numel, k, which, tol, max_iter, seed, block, op.device, op.dtype, start, scale)
     bar = _progress(run.max_iter, "Lanczos", progress)
-    while not run.done:
-        op.context = f"Lanczos step {run.steps + 1}"
-        rows = run.pending.shape[0]
-        run.update(op.hvp(run.pending))
-        bar.update(rows)
-    bar.close()
-    op.context = ""
+    try:
+        while not run.done:
+            op.context = f"Lanczos step {run.steps + 1}"
+            rows = run.pending.shape[0]
+            run.update(op.hvp(run.pending))
+            bar.update(rows)
+    finally:  # an error's one line must not share a line with the bar
+        bar.close()
+        op.context = ""
     values, flat = run.ritz()
     if not run.converged:
         warnings.warn(f"Lanczos stopped after {run.m} Hessian-vector products with relative residual "
@@ -963,37 +965,39 @@ def estimate_trace(op: HVPOperator, method: str = "hutch++", tol: float = 1e-2, 
         raise UserError(f"max_iter ({max_iter}) leaves no room for samples; raise it")
     gen = _generator(seed)
     bar = _progress(max_iter, f"trace ({method})", progress)
-    hvps = 0
-    exact = 0.0
-    q = torch.zeros(0, n, device=op.device, dtype=op.dtype)
-    if method == "hutch++":
-        op.context = "Hutch++ sketch"
-        y = op.hvp(_rademacher(sketch, n, gen, op))
-        q, _ = _orthonormal_rows(y)
-        op.context = "Hutch++ top subspace"
-        hq = op.hvp(q)
-        exact = float((hq * q).double().sum())
-        hvps += 2 * sketch
-        bar.update(2 * sketch)
-    samples: list[float] = []
-    converged = False
-    mean = se = math.nan
-    while hvps < max_iter:
-        rows = min(op.block or max_block(op.device), max_iter - hvps)
-        op.context = f"trace sample {len(samples) + 1}"
-        v = _orthogonalize(_rademacher(rows, n, gen, op), q) if q.shape[0] else _rademacher(rows, n, gen, op)
-        hv = op.hvp(v)
-        samples += (hv * v).double().sum(dim=1).cpu().tolist()
-        hvps += rows
-        bar.update(rows)
-        arr = np.asarray(samples)
-        mean = exact + float(arr.mean())
-        se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.inf
-        if len(arr) >= min_samples and se <= tol * abs(mean):
-            converged = True
-            break
-    bar.close()
-    op.context = ""
+    try:
+        hvps = 0
+        exact = 0.0
+        q = torch.zeros(0, n, device=op.device, dtype=op.dtype)
+        if method == "hutch++":
+            op.context = "Hutch++ sketch"
+            y = op.hvp(_rademacher(sketch, n, gen, op))
+            q, _ = _orthonormal_rows(y)
+            op.context = "Hutch++ top subspace"
+            hq = op.hvp(q)
+            exact = float((hq * q).double().sum())
+            hvps += 2 * sketch
+            bar.update(2 * sketch)
+        samples: list[float] = []
+        converged = False
+        mean = se = math.nan
+        while hvps < max_iter:
+            rows = min(op.block or max_block(op.device), max_iter - hvps)
+            op.context = f"trace sample {len(samples) + 1}"
+            v = _orthogonalize(_rademacher(rows, n, gen, op), q) if q.shape[0] else _rademacher(rows, n, gen, op)
+            hv = op.hvp(v)
+            samples += (hv * v).double().sum(dim=1).cpu().tolist()
+            hvps += rows
+            bar.update(rows)
+            arr = np.asarray(samples)
+            mean = exact + float(arr.mean())
+            se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.inf
+            if len(arr) >= min_samples and se <= tol * abs(mean):
+                converged = True
+                break
+    finally:  # an error's one line must not share a line with the bar
+        bar.close()
+        op.context = ""
     if not converged:
         warnings.warn(f"the trace estimate stopped after {hvps} Hessian-vector products with standard error "
                       f"{se:.3g} > tol·|trace| = {tol * abs(mean):.3g}; raise max_iter or tol", stacklevel=2)
@@ -1025,30 +1029,32 @@ def slq(op: HVPOperator, runs: int = 4, steps: int = 80, seed: int = 0,
     alpha = np.zeros((runs, steps))
     beta = np.zeros((runs, steps))
     bar = _progress(runs * steps, "SLQ", progress)
-    for j in range(steps):
-        basis[:, j] = v
-        op.context = f"SLQ step {j + 1}"
-        w = op.hvp(v)
-        bar.update(runs)
-        alpha[:, j] = (w * v).double().sum(dim=1).cpu().numpy()
-        # Full reorthogonalization of each run against its own basis, twice.
-        q = basis[:, : j + 1]
-        for _ in range(2):
-            w = w - torch.einsum("rj,rjn->rn", torch.einsum("rn,rjn->rj", w, q), q)
-        nrm = w.norm(dim=1)
-        beta[:, j] = nrm.double().cpu().numpy()
-        if j + 1 < steps:
-            scale = np.maximum(np.abs(alpha[:, : j + 1]).max(axis=1), 1e-30)
-            broken = beta[:, j] <= 1e-10 * scale
-            if broken.any():  # an invariant subspace: continue with a fresh direction, decoupled (β = 0)
-                for r in np.nonzero(broken)[0]:
-                    fresh = _orthogonalize(_randn(1, n, gen, op), basis[r, : j + 1])[0]
-                    w[r] = fresh
-                    beta[r, j] = 0.0
-                nrm = w.norm(dim=1)
-            v = w / nrm[:, None]
-    bar.close()
-    op.context = ""
+    try:
+        for j in range(steps):
+            basis[:, j] = v
+            op.context = f"SLQ step {j + 1}"
+            w = op.hvp(v)
+            bar.update(runs)
+            alpha[:, j] = (w * v).double().sum(dim=1).cpu().numpy()
+            # Full reorthogonalization of each run against its own basis, twice.
+            q = basis[:, : j + 1]
+            for _ in range(2):
+                w = w - torch.einsum("rj,rjn->rn", torch.einsum("rn,rjn->rj", w, q), q)
+            nrm = w.norm(dim=1)
+            beta[:, j] = nrm.double().cpu().numpy()
+            if j + 1 < steps:
+                scale = np.maximum(np.abs(alpha[:, : j + 1]).max(axis=1), 1e-30)
+                broken = beta[:, j] <= 1e-10 * scale
+                if broken.any():  # an invariant subspace: continue with a fresh direction, decoupled (β = 0)
+                    for r in np.nonzero(broken)[0]:
+                        fresh = _orthogonalize(_randn(1, n, gen, op), basis[r, : j + 1])[0]
+                        w[r] = fresh
+                        beta[r, j] = 0.0
+                    nrm = w.norm(dim=1)
+                v = w / nrm[:, None]
+    finally:  # an error's one line must not share a line with the bar
+        bar.close()
+        op.context = ""
     nodes = np.zeros((runs, steps))
     weights = np.zeros((runs, steps))
     for r in range(runs):
