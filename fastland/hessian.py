@@ -197,8 +197,12 @@ class BatchList:
 
     streamed = False
 
-    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], first_batch: int = 0, first_sample: int = 0,
+                 total: int | None = None) -> None:
         self.pairs = list(pairs)
+        # where these batches start in the whole set, and its batch count (a rank's share: for error messages)
+        self.first_batch, self.first_sample = first_batch, first_sample
+        self.total = len(self.pairs) if total is None else total
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.pairs)
@@ -216,12 +220,13 @@ class BatchList:
         return sum(int(x.shape[0]) for x, _ in self.pairs)
 
     def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BatchList:
-        return BatchList([(fn(x), y) for x, y in self.pairs])
+        return BatchList([(fn(x), y) for x, y in self.pairs], self.first_batch, self.first_sample, self.total)
 
     def share(self, rank: int, world: int) -> BatchList:
         """Rank ``rank``'s contiguous share of whole batches (BN's batch statistics unchanged)."""
         b = len(self.pairs)
-        return BatchList(self.pairs[b * rank // world : b * (rank + 1) // world])
+        lo, hi = b * rank // world, b * (rank + 1) // world
+        return BatchList(self.pairs[lo:hi], lo, sum(int(x.shape[0]) for x, _ in self.pairs[:lo]), b)
 
 
 class StreamedBatches:
@@ -239,6 +244,8 @@ class StreamedBatches:
             self.total = sum(1 for _ in data.batches())
         self.lo, self.hi = lo, self.total if hi is None else hi
         self.transform = transform
+        self.first_batch = lo
+        self.first_sample = lo * (data.batch_size or 0)  # the loader's fixed batch size (the last batch may be short)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b, (x, y) in enumerate(self.data.batches()):
@@ -504,9 +511,7 @@ class HVPOperator:
         if self.data_parallel:
             flag = distributed.all_reduce_sum(torch.tensor([1.0 if problem else 0.0], dtype=torch.float64))
             if float(flag[0]) > 0:
-                ctx = distributed.current()
-                rank = f" on rank {ctx.rank}" if ctx is not None else ""
-                raise UserError(f"{problem}{rank}" if problem else
+                raise UserError(problem if problem else
                                 f"the Hessian-vector product is not finite on {int(flag[0])} other rank(s)"
                                 f"{f' ({self.context})' if self.context else ''}; their message says where")
             distributed.all_reduce_sum(out)
@@ -526,9 +531,9 @@ class HVPOperator:
         if self.block is None and vecs.shape[0] > 1:
             self.block = self._choose_block(vecs.shape[0])
         block = self.block or 1
-        start = 0
-        count = len(self.batches)
-        for b, (x, y) in enumerate(self.batches):
+        start = self.batches.first_sample
+        count = self.batches.total
+        for b, (x, y) in enumerate(self.batches, self.batches.first_batch):
             if self.batches.streamed:
                 _check_batch(x, y, self.bn_mode)
             weight = x.shape[0] / self.num_samples
@@ -578,7 +583,7 @@ class HVPOperator:
         infos = [i for i in self.space.infos if i.name not in chosen]
         subs = torch.stack([self.group.gather(t) for t in thetas])
         out = torch.zeros_like(vecs)
-        count = len(self.batches)
+        count = self.batches.total
 
         def one(sub: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,9 +592,9 @@ class HVPOperator:
             return hv, value
 
         problem = None
-        start = 0
+        start = self.batches.first_sample
         with sdpa_kernel([SDPBackend.MATH]):
-            for b, (x, y) in enumerate(self.batches):
+            for b, (x, y) in enumerate(self.batches, self.batches.first_batch):
                 if self.batches.streamed:
                     _check_batch(x, y, self.bn_mode)
                 hv, value = vmap(one, in_dims=(0, 0, 0, None, None))(subs, thetas, vecs, x.contiguous(), y)
@@ -609,7 +614,9 @@ class HVPOperator:
         bad = int((~torch.isfinite(hv)).any(dim=1).nonzero()[0, 0]) + c
         where = f"{self.context}, " if self.context else ""
         which = f"point {point} of the block" if point is not None else f"vector {bad}"
-        return (f"the Hessian-vector product is not finite ({where}{which}, batch {b + 1} of {count}, "
+        ctx = distributed.current() if self.data_parallel else None
+        rank = f"rank {ctx.rank}, " if ctx is not None else ""
+        return (f"the Hessian-vector product is not finite ({where}{rank}{which}, batch {b + 1} of {count}, "
                 f"samples {start}-{start + n - 1}, where the loss is {float(value):.6g}, bn_mode={self.bn_mode}); "
                 "the weights or the data give a non-finite loss or gradient there: check them, or use fewer or other samples")
 

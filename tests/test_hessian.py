@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,3 +460,127 @@ def test_non_finite_hvp_says_where() -> None:
     with pytest.raises(UserError) as e:
         hessian.trace(model, (x, y), batch_size=10, method="hutchinson")
     assert "trace sample 1" in _one_line(e)
+
+
+# --- one data and loss path (fastland.api.prepare) -------------------------------------------------
+def test_data_and_loss_mean_what_they_mean_for_surfaces() -> None:
+    """Tensors, a Dataset, a DataLoader, an EvalSet and a streamed set (re-read per product) give one HVP; so do
+    loss_fn None, 'cross_entropy', nn.CrossEntropyLoss() and F.cross_entropy."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastland import data as data_mod
+
+    model, (x, y) = _case("lenet_bn")
+    v = torch.randn(hessian.select_params(model).numel, generator=torch.Generator().manual_seed(6))
+    want = autograd_hvp(model, list(zip(x.split(10), y.split(10), strict=True)), v[None], "eval")[0]
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    streamed = data_mod.StreamedSet(loader, torch.device("cpu"), "dataloader", len(y))
+    forms = {"tensors": (x, y), "dataset": TensorDataset(x, y), "dataloader": loader,
+             "evalset": data_mod.EvalSet(x, y, "tensors"), "streamed": streamed}
+    for name, data in forms.items():
+        op = hessian.operator(model, data, batch_size=10)
+        assert op.num_samples == 24 and len(op.batches) == 3, name
+        assert op.batches.streamed == (name == "streamed") and not (op.keep_graph and name == "streamed")
+        assert _rel(op.hvp(v), want) < 1e-5, name
+        assert _rel(op.hvp(v), want) < 1e-5, name  # a streamed set is read again for a second product
+    for loss in (None, "cross_entropy", nn.CrossEntropyLoss(), F.cross_entropy):
+        assert _rel(hessian.operator(model, (x, y), loss, batch_size=10).hvp(v), want) < 1e-5
+    with pytest.raises(UserError, match="unknown loss"):
+        hessian.operator(model, (x, y), "hinge")
+    with pytest.raises(UserError, match="reduction='mean'"):
+        hessian.operator(model, (x, y), nn.CrossEntropyLoss(reduction="sum"))
+
+
+def test_streamed_bn_batch_of_one_is_one_line() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastland import data as data_mod
+
+    model, (x, y) = _case("lenet_bn")
+    streamed = data_mod.StreamedSet(DataLoader(TensorDataset(x[:9], y[:9]), batch_size=4), torch.device("cpu"),
+                                    "dataloader", 9)
+    with pytest.raises(UserError) as e:
+        hessian.trace(model, streamed, bn_mode="batch")
+    assert "batch of one" in _one_line(e)
+
+
+def test_channels_last_and_kept_graphs_are_chosen_and_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, (x, y) = _case("lenet_bn")
+    v = torch.randn(2, hessian.select_params(model).numel, generator=torch.Generator().manual_seed(9))
+    plain = hessian.operator(model, (x, y), batch_size=12, channels_last=False, keep_graph=False)
+    auto = hessian.operator(model, (x, y), batch_size=12)
+    assert auto.channels_last and not plain.channels_last  # a conv net on the CPU
+    assert auto.batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert auto.keep_graph and auto.ad == "reverse" and 0 < auto.graph_bytes  # tiny: the graphs fit
+    for block in (1, 2):  # vmapped blocks cannot take channels-last inputs: they run one at a time or on NCHW
+        for op in (auto, hessian.operator(model, (x, y), batch_size=12, ad="forward", block=block)):
+            op.block = block
+            assert _rel(op.hvp(v), plain.hvp(v)) < 1e-5
+    monkeypatch.setattr(hessian.device_mod, "free_memory", lambda dev: auto.graph_bytes)  # a third of it: too little
+    assert not hessian.operator(model, (x, y), batch_size=12).keep_graph
+    mlp, data = _small(False)["model"], _small(False)["data"]
+    assert not hessian.operator(mlp, data).channels_last  # no convolution
+
+
+def test_small_groups_get_their_trace_exactly(small: dict) -> None:
+    h = small["dense"]["eval"]
+    res = hessian.trace(small["model"], small["data"], params="bn1", batch_size=16)
+    names = [n for n, _ in small["model"].named_parameters()]
+    sizes = [p.numel() for p in small["model"].parameters()]
+    start = sum(sizes[: names.index("bn1.weight")])
+    exact = float(torch.diagonal(h)[start : start + 64].sum())
+    assert res.method == "exact" and res.hvps == 64 and res.stderr == 0
+    assert float(res) == pytest.approx(exact, rel=1e-5)
+
+
+def test_a_loss_without_gradient_is_one_line() -> None:
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.fc(x)
+
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(UserError) as e:
+        hessian.top_eigenvalues(NoGrad(), (torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)))
+    assert "exactly zero" in _one_line(e) and "torch.no_grad" in str(e.value)
+
+
+DP_SCRIPT = '''
+import sys, torch
+from fastland import hessian, models
+from fastland.errors import UserError
+model = models.randomized("lenet", 1)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+x[40, 0, 0, 0] = float("inf")   # in the second rank's half of the batches
+try:
+    hessian.top_eigenvalues(model, (x, y), batch_size=16)
+except UserError as err:
+    print(f"stopped: {err}", flush=True)
+    sys.exit(2)
+'''
+
+
+def test_data_parallel_non_finite_stops_every_rank(tmp_path: Path) -> None:
+    """Under torchrun a non-finite product on one rank used to leave the others waiting in the all-reduce: a
+    "finite" flag is all-reduced first, so every rank stops with one message (the rank that found it says where)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "dp.py"
+    script.write_text(DP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "FASTLAND_DIST")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in done.stdout.splitlines() if line.startswith("stopped:")]
+    assert len(lines) == 2, done.stdout + done.stderr
+    assert any("(Lanczos step 1, rank 1, vector 0, batch 3 of 4, samples 32-47," in line for line in lines), lines
+    assert any("not finite on 1 other rank(s) (Lanczos step 1)" in line for line in lines), lines
