@@ -297,3 +297,16 @@ def test_auto_is_deterministic_and_tune_measures(capsys: pytest.CaptureFixture) 
     assert set(tuned.timings) == {"loop", "vmap", "im2col"}
     assert tuned.strategy == min(tuned.timings, key=tuned.timings.get)
     assert surface.build_parser().parse_args([]).engine == "batched"  # the CLI uses it by default
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_a_points_bits_do_not_depend_on_its_block(bn_mode: str) -> None:
+    """The loop strategy gives every point the same bits whatever block it lands in (alone or with
+    others), so chunking, resuming and the number of ranks never change a file."""
+    model, space, theta, dirs, ev = setup("lenet_bn", 16, seed=9)  # ignore='none': γ moves too
+    coords = grid(5, 1.0, seed=9)
+    engine = BatchedEvaluator(model, space, theta, dirs, ev, bn_mode=bn_mode, batch_size=8, strategy="loop",
+                              verbose=False)
+    together = engine.evaluate(coords)
+    alone = [engine.evaluate(coords[i : i + 1]) for i in range(5)]
+    assert torch.equal(together[0], torch.cat([a[0] for a in alone]))

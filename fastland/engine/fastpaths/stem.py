@@ -52,6 +52,12 @@ class Stem:
         self.weight, self.bias = w.contiguous(), (b.contiguous() if b is not None else None)
         self.channels = layer.weight.shape[0]
         self.pool: nn.Module | None = None  # a 2x2 max-pool right after the layer (set by ``plan``)
+        # The BN scale is the same at every point when BN uses running statistics and no direction
+        # moves γ. Decided here, from the structure, never from a block's values: a block of one point
+        # would otherwise always take the shortcut and a point's last bits would depend on its block.
+        gamma_moves = bn is not None and any(f"{bn}.weight" in v and bool(v[f"{bn}.weight"].ne(0).any())
+                                             for v in views[1:])
+        self.shared_scale = self.running is not None and not gamma_moves
 
     def maps(self, x: torch.Tensor) -> torch.Tensor:
         """``[K, B, C, S]`` fp32: the first layer applied to ``x`` with θ's and each direction's weights."""
@@ -110,7 +116,7 @@ class Stem:
         """
         c = coords.tolist()
         coef, shift = cs if cs is not None else (None, None)
-        if coef is not None and bool((coef[:, :, 0] == coef[:1, :, 0]).all()):
+        if coef is not None and self.shared_scale:
             maps = maps * coef[0, :, 0].view(1, 1, -1, 1)  # coef[p, c, 0] = s_c: the scale, shared
             coef = None
         row: dict[str, object] = {}
