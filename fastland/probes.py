@@ -9,19 +9,43 @@ length η in H, θ' = θ_t − η·g. A probe records
 - the effective β-smoothness     max_H ‖g − ∇L(θ')‖ / ‖η·g‖.
 
 The K perturbed weight sets come from ``directions.perturb`` (the line case
-``dirs = g[None]``, ``coords = −η[:, None]``) and their K gradients are computed either in
-one ``vmap(grad(...))`` call (*batched*) or one after another (*sequential*). ``auto`` is
-sequential on the CPU (measured faster there for every built-in model: vmap turns convolutions
-into slow grouped ones) and batched on CUDA; a fixed rule, so the same command gives the same
-numbers (the two paths agree only to rounding).
+``dirs = g[None]``, ``coords = −η[:, None]``). Their K gradients are computed by one of three paths:
+
+- *sequential*: one ``torch.func.grad`` of ``functional_call`` per weight set; the plain
+  reference, for any model;
+- *batched*: one ``vmap(grad(...))`` call over the K weight sets (fast on CUDA; on the CPU vmap
+  turns convolutions into slow grouped ones);
+- *layered*: for a flat ``nn.Sequential`` of Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, Flatten
+  (LeNet and VGG with and without BN), the forward and backward written out layer by layer with
+  the same ATen kernels autograd calls, without autograd's or functorch's per-call work; the
+  first layer's weight gradients for all K step lengths are one convolution with K×C output
+  channels; a ReLU before a 2×2 max-pool runs after it (they commute) and the pool is two
+  ``torch.maximum`` with the backward routed exactly as ``max_pool2d``'s (first maximum in
+  row-major order, a tie included); buffers it needs at every probe are kept between probes.
+
+``auto`` is a fixed rule per device and model, so the same command gives the same numbers:
+layered on the CPU where the model has that pattern, else sequential; batched on CUDA.
+
+Where the training step has just computed g (``from_grad=True``: ``.grad`` after ``backward()``
+on the same minibatch, BN in train mode), the probe takes it and the step's loss instead of
+recomputing them; on the CPU they are the recomputed values bit for bit. On CUDA g is still
+recomputed: training may run its convolutions in TF32 (PyTorch's default for cuDNN), and the
+probe runs in full fp32 (no TF32), because ‖g − ∇L(θ')‖ at small η is a small difference of two
+gradients that TF32 rounding would swamp.
+
+Identical results. On the CPU the layered path reproduces the sequential one bit for bit, every
+column of ``metrics.csv``: its forward pass calls the same kernels on the same inputs (a max-pool,
+a ReLU and their swap are exact), and its backward calls the kernels autograd calls, with the
+gradients routed through ReLU and max-pool by the same rule; the first layer's stacked
+weight gradient equals the K separate ones bit for bit with oneDNN on this CPU (tested). Were
+that last kernel to round differently elsewhere, the difference would be fp32 rounding of one
+gradient, which is what "identical" must mean for the gradient columns (next paragraph); the
+losses cannot change, as no forward kernel differs.
 
 A probe is an evaluation, never a training step: it runs on a parameter-free copy of the
 model whose BatchNorm layers keep no running statistics
 (``torch.func.replace_all_batch_norm_modules_``), takes θ by value, and never writes to
-the model's parameters, ``.grad``, buffers, optimizer or RNG. g is recomputed by the probe
-(one extra gradient) so that g and every ∇L(θ') come from the same function at the same
-precision; on CUDA the probe runs in full fp32 (no TF32), because ‖g − ∇L(θ')‖ at small η
-is a small difference of two gradients that TF32 rounding would swamp.
+the model's parameters, ``.grad``, buffers, optimizer or RNG.
 
 Batched and sequential (issue 16 saw up to 0.56% between them in gradient predictiveness and
 β-smoothness, with identical weights and losses). Both use the same g (``line``); they compute
@@ -40,9 +64,13 @@ rounding at θ and at θ' is not correlated); fp64 removes it, at 5.6x (LeNet-BN
 (ResNet-20) the time on the CPU, so it is not the default. The other source is not rounding: where a ReLU input or a max-pool pair
 is within rounding of a tie, the two paths (or fp32 and fp64) take different subgradients of the
 non-smooth loss and ∇L jumps; in LeNet-BN this gave 3e-5 to 2e-3 relative in about 1% of rows, and
-it vanishes with average pooling and softplus (max 1.2e-5 over 320 rows). ``auto`` is a fixed
-rule per device, so one command always takes one path and repeats its numbers bit for bit
-(``tests/test_hardening.py`` bounds the difference between the paths).
+it vanishes with average pooling and softplus (max 1.2e-5 over 320 rows). That is why the layered
+path keeps every forward kernel as it is: a faster first layer computed as
+conv(x, θ₁) − η·conv(x, g₁) (the engine's factorization) changes the forward by rounding, and on
+CIFAR-10 (JPEG copy) LeNet it moved gradient predictiveness by more than 1e-6 in 17 of 320 rows
+(up to 2e-4) through such jumps. ``auto`` is a fixed rule per device, so one command always takes
+one path and repeats its numbers bit for bit (``tests/test_hardening.py`` bounds the difference
+between the paths).
 """
 
 from __future__ import annotations
@@ -57,16 +85,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, replace_all_batch_norm_modules_, vmap
 
 from fastland import directions
+from fastland.engine.fastpaths.pool import is_pool2
 from fastland.engine.precision import precision_context
 from fastland.errors import UserError
 from fastland.losses import Task
 from fastland.params import FlatSpace
 
-MODES = ("auto", "batched", "sequential")
+MODES = ("auto", "layered", "batched", "sequential")
 ETA_LOW, ETA_HIGH, ETA_COUNT = 0.5, 4.0, 8  # H = linspace(0.5·lr, 4·lr, 8) = {0.5, 1.0, ..., 4.0}·lr
 MAX_ETAS = 64
 
@@ -181,6 +211,303 @@ def stateless_copy(model: nn.Module) -> nn.Module:
     return skeleton.train()
 
 
+# --- the layered path ---------------------------------------------------------------------
+# Each layer's ``forward(h, p, saved)`` returns its output and appends to ``saved`` what its
+# ``backward(d, p, saved, grads, need_input)`` needs; backward puts the parameters' gradients in
+# ``grads`` and returns the input's (None when ``need_input`` is False). ``p`` maps parameter
+# names to the weight set's tensors. The kernels are the ones autograd records for the module's
+# forward, so that the values are the sequential path's bit for bit.
+_conv_backward = torch.ops.aten.convolution_backward
+_threshold_backward = torch.ops.aten.threshold_backward
+STACK_BYTES = 256 * 2**20  # the first layer's stacked output gradient above this: one weight gradient per η instead
+
+
+class _NotLayered(Exception):
+    """The model (or this input) does not have the pattern the layered path covers."""
+
+
+class _Conv:
+    def __init__(self, name: str, m: nn.Conv2d) -> None:
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise _NotLayered(f"{name}: padding {m.padding!r} ({m.padding_mode})")
+        self.module, self.weight = m, f"{name}.weight"
+        self.bias = f"{name}.bias" if m.bias is not None else None
+        self.params = (self.weight, self.bias) if self.bias else (self.weight,)
+        self.args = (list(m.stride), list(m.padding), list(m.dilation), False, [0] * len(m.stride), m.groups)
+
+    def forward(self, h: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        saved.append(h)
+        return self.module._conv_forward(h, p[self.weight], p[self.bias] if self.bias else None)
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        h = saved.pop()
+        gi, gw, gb = _conv_backward(d, h, p[self.weight], [self.module.out_channels] if self.bias else None, *self.args,
+                                    [need_input, True, self.bias is not None])
+        grads[self.weight] = gw
+        if self.bias:
+            grads[self.bias] = gb
+        return gi
+
+
+class _Linear:
+    def __init__(self, name: str, m: nn.Linear) -> None:
+        self.weight = f"{name}.weight"
+        self.bias = f"{name}.bias" if m.bias is not None else None
+        self.params = (self.weight, self.bias) if self.bias else (self.weight,)
+
+    def forward(self, h: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        if h.dim() != 2:  # F.linear on [B, *, in] is a matmul with another backward
+            raise _NotLayered(f"{self.weight}: a {h.dim()}-D input")
+        saved.append(h)
+        return F.linear(h, p[self.weight], p[self.bias] if self.bias else None)
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        h = saved.pop()
+        grads[self.weight] = d.t().mm(h)  # addmm's backward, in autograd's order of operands
+        if self.bias:
+            grads[self.bias] = d.sum(0)
+        return d.mm(p[self.weight]) if need_input else None
+
+
+class _BatchNorm:
+    """Batch statistics, no running ones (what the probe's stateless copy computes)."""
+
+    def __init__(self, name: str, m: nn.modules.batchnorm._BatchNorm) -> None:
+        self.eps = float(m.eps)
+        self.weight = f"{name}.weight" if m.weight is not None else None
+        self.bias = f"{name}.bias" if m.bias is not None else None
+        self.params = tuple(n for n in (self.weight, self.bias) if n)
+
+    def forward(self, h: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        w, b = (p[self.weight] if self.weight else None), (p[self.bias] if self.bias else None)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(h, w, b, None, None, True, 0.0, self.eps)
+        saved.append((h, mean, invstd))
+        return out
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        h, mean, invstd = saved.pop()
+        gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            d, h, p[self.weight] if self.weight else None, None, None, mean, invstd, True, self.eps,
+            [need_input, self.weight is not None, self.bias is not None])
+        if self.weight:
+            grads[self.weight] = gw
+        if self.bias:
+            grads[self.bias] = gb
+        return gi
+
+
+class _ReLU:
+    params: tuple[str, ...] = ()
+
+    def forward(self, h: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        out = torch.relu(h)
+        saved.append(out)
+        return out
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        return _threshold_backward(d, saved.pop(), 0)
+
+
+class _MaxPool:
+    """``MaxPool2d``, with the ReLU before it when ``relu`` (max-pool then ReLU: the same values).
+
+    A 2×2/stride-2 pool over even sizes is two ``torch.maximum`` (``max_pool2d`` is ~10x slower on
+    the CPU); its backward sends each window's gradient to the first maximum in row-major order,
+    ``max_pool2d``'s rule, by differences that are exactly 0 at a maximum. Any other pool is
+    ``max_pool2d_with_indices`` and its backward.
+    """
+
+    params: tuple[str, ...] = ()
+
+    def __init__(self, m: nn.MaxPool2d, relu: bool) -> None:
+        self.module, self.relu, self.fast = m, relu, is_pool2(m)
+
+    def forward(self, z: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        n, c, hh, ww = z.shape if z.dim() == 4 else (0, 0, 1, 1)
+        if not (self.fast and z.dim() == 4 and hh % 2 == 0 and ww % 2 == 0):
+            if self.relu:
+                z = torch.relu(z)
+            m = self.module
+            out, idx = torch.ops.aten.max_pool2d_with_indices(z, _pair(m.kernel_size), _pair(m.stride or m.kernel_size),
+                                                              _pair(m.padding), _pair(m.dilation), m.ceil_mode)
+            saved.append((z, idx, None, None))
+            return out
+        zz = z.view(n, c, hh // 2, 2, ww // 2, 2)
+        row0 = torch.maximum(zz[:, :, :, 0, :, 0], zz[:, :, :, 0, :, 1])
+        row1 = torch.maximum(zz[:, :, :, 1, :, 0], zz[:, :, :, 1, :, 1])
+        top = torch.maximum(row0, row1)
+        out = torch.relu(top) if self.relu else top
+        saved.append((z, row0, row1, (top, out)))
+        return out
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        z, a, b, tops = saved.pop()
+        if tops is None:  # the general pool (a = indices); the ReLU, if any, came before it
+            m = self.module
+            gi = torch.ops.aten.max_pool2d_with_indices_backward(
+                d, z, _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding), _pair(m.dilation),
+                m.ceil_mode, a)
+            return _threshold_backward(gi, z, 0) if self.relu else gi
+        top, out = tops
+        if self.relu:
+            d = _threshold_backward(d, out, 0)
+        n, c, hh, ww = z.shape
+        zz = z.view(n, c, hh // 2, 2, ww // 2, 2)
+        grad = torch.empty_like(zz)
+        # threshold_backward(d, gap, 0) keeps d where gap > 0, i.e. where that candidate is below the
+        # maximum; d minus it is d exactly at a maximum and +0 elsewhere (NaN aside: then all is NaN).
+        first = d - _threshold_backward(d, top - a, 0)  # row 0 holds the maximum: it takes the gradient
+        for r, g, row in ((0, first, a), (1, d - first, b)):
+            left = g - _threshold_backward(g, row - zz[:, :, :, r, :, 0], 0)
+            grad[:, :, :, r, :, 0] = left
+            torch.sub(g, left, out=grad[:, :, :, r, :, 1])
+        return grad.view(n, c, hh, ww)
+
+
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+class _Flatten:
+    params: tuple[str, ...] = ()
+
+    def forward(self, h: torch.Tensor, p: dict[str, torch.Tensor], saved: list) -> torch.Tensor:
+        saved.append(h.shape)
+        return h.flatten(1)
+
+    def backward(self, d: torch.Tensor, p: dict[str, torch.Tensor], saved: list, grads: dict[str, torch.Tensor],
+                 need_input: bool) -> torch.Tensor | None:
+        return d.view(saved.pop())
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The modules of a (nested) ``nn.Sequential`` in execution order, with their dotted names."""
+    if not isinstance(module, nn.Sequential):
+        return [(prefix.rstrip("."), module)]
+    return [leaf for name, child in module.named_children() for leaf in _leaves(child, f"{prefix}{name}.")]
+
+
+def _layers(model: nn.Module) -> list:
+    """The layered path's layers for ``model``; raises ``_NotLayered`` where the pattern does not fit."""
+    if not isinstance(model, nn.Sequential):
+        raise _NotLayered(f"{type(model).__name__} is not an nn.Sequential")
+    leaves = _leaves(model)
+    layers: list = []
+    i = 0
+    while i < len(leaves):
+        name, m = leaves[i]
+        nxt = leaves[i + 1][1] if i + 1 < len(leaves) else None
+        if type(m) is nn.Conv2d:
+            layers.append(_Conv(name, m))
+        elif type(m) is nn.Linear:
+            layers.append(_Linear(name, m))
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            layers.append(_BatchNorm(name, m))
+        elif type(m) is nn.ReLU and type(nxt) is nn.MaxPool2d and not nxt.return_indices:
+            layers.append(_MaxPool(nxt, relu=True))
+            i += 1
+        elif type(m) is nn.ReLU:
+            layers.append(_ReLU())
+        elif type(m) is nn.MaxPool2d and not m.return_indices:
+            layers.append(_MaxPool(m, relu=False))
+        elif type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
+            layers.append(_Flatten())
+        elif type(m) is not nn.Identity:
+            raise _NotLayered(f"{name or 'the model'}: {type(m).__name__}")
+        i += 1
+    if not layers:
+        raise _NotLayered("no layers")
+    covered = [n for layer in layers for n in layer.params]
+    if sorted(covered) != sorted(n for n, _ in model.named_parameters()):
+        raise _NotLayered("parameters outside the layers")
+    return layers
+
+
+class Layered:
+    """The layered path (see the module doc) for one model: ``gradients(weights, x, y, loss_fn)``."""
+
+    def __init__(self, model: nn.Module, space: FlatSpace) -> None:
+        self.layers = _layers(model)
+        self.space = space
+        self.slices = {i.name: (i.offset, i.offset + i.numel) for i in space.infos}
+        first = self.layers[0]
+        self.stack = isinstance(first, _Conv) and first.module.groups == 1
+        self._buffers: dict[str, torch.Tensor] = {}  # see ``_keep``
+
+    def _keep(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``shape`` kept between probes: a fresh one of a few hundred MB costs the CPU a page
+        fault per 4 KB at every probe (a third of a VGG-16 probe's time)."""
+        n = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.device != like.device or buf.dtype != like.dtype or buf.numel() < n:
+            self._buffers.pop(key, None)
+            buf = self._buffers[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+    def _stacked(self, shape: torch.Size, k: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``[B, K·C, H, W]`` for the K first-layer output gradients, or None where it would be too large."""
+        want = (shape[0], k * shape[1], *shape[2:])
+        if math.prod(want) * like.element_size() > STACK_BYTES:
+            return None
+        return self._keep("stacked", want, like)
+
+    def gradients(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses ``[K]`` and flat gradients ``[K, N]`` at the K weight sets ``weights [K, N]``; with
+        ``keep`` the gradients are in a buffer kept for the next call (which overwrites them)."""
+        k_count, layers = weights.shape[0], self.layers
+        losses = torch.empty(k_count, dtype=weights.dtype, device=weights.device)
+        grads = self._keep("grads", tuple(weights.shape), weights) if keep else torch.empty_like(weights)
+        first, stacked = layers[0], None
+        with torch.no_grad():
+            for k in range(k_count):
+                p = self.space.views(weights[k])
+                saved: list[list] = [[] for _ in layers]
+                h = x
+                for layer, s in zip(layers, saved, strict=True):
+                    h = layer.forward(h, p, s)
+                with torch.enable_grad():
+                    out = h.detach().requires_grad_()
+                    loss = loss_fn(out, y)
+                    (d,) = torch.autograd.grad(loss, out)
+                losses[k] = loss.detach()
+                found: dict[str, torch.Tensor] = {}
+                for i in range(len(layers) - 1, 0, -1):
+                    d = layers[i].backward(d, p, saved[i], found, need_input=True)
+                if self.stack and k == 0:
+                    stacked = self._stacked(d.shape, k_count, d)
+                if stacked is not None:  # the first layer's weight gradients come after the loop, all K at once
+                    c = d.shape[1]
+                    stacked[:, k * c : (k + 1) * c] = d
+                else:
+                    first.backward(d, p, saved[0], found, need_input=False)
+                for name, t in found.items():
+                    a, b = self.slices[name]
+                    grads[k, a:b] = t.reshape(-1)
+            if stacked is not None:
+                self._first_layer(first, weights, x, stacked, grads)
+        return losses, grads
+
+    def _first_layer(self, first: _Conv, weights: torch.Tensor, x: torch.Tensor, stacked: torch.Tensor,
+                     grads: torch.Tensor) -> None:
+        """The K first-layer weight (and bias) gradients as one convolution with K×C output channels."""
+        k_count = weights.shape[0]
+        a, b = self.slices[first.weight]
+        w = weights[:, a:b].reshape(k_count * first.module.out_channels, *first.module.weight.shape[1:])
+        _, gw, gb = _conv_backward(stacked, x, w, [w.shape[0]] if first.bias else None, *first.args,
+                                   [False, True, first.bias is not None])
+        grads[:, a:b] = gw.view(k_count, -1)
+        if first.bias:
+            a, b = self.slices[first.bias]
+            grads[:, a:b] = gb.view(k_count, -1)
+
+
 class SmoothnessProbe:
     """Measures the three Santurkar probes of ``model`` on a minibatch; see the module doc."""
 
@@ -199,12 +526,23 @@ class SmoothnessProbe:
         self.task = task
         self._grad = grad_and_value(self._loss)
         self._batched_grad = vmap(self._grad, in_dims=(0, None, None))
+        try:
+            self.layered: Layered | None = Layered(self.skeleton, self.space)
+            self.not_layered = ""
+        except _NotLayered as why:
+            self.layered, self.not_layered = None, str(why)
+            if mode == "layered":
+                raise UserError(f"--probe-mode layered needs a flat nn.Sequential of Conv2d, Linear, BatchNorm, ReLU, "
+                                f"MaxPool2d and Flatten layers ({why}); use auto or sequential") from None
 
     def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.skeleton, params, (x,))
+        return self._loss_of(out, y)
+
+    def _loss_of(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.task.batch_loss(out, y) if self.task is not None else nn.functional.cross_entropy(out, y)
 
-    # --- the two paths: losses [K] and flat gradients [K, N] at K weight sets W [K, N] ------
+    # --- the three paths: losses [K] and flat gradients [K, N] at K weight sets W [K, N] ----
     def gradients_batched(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All K gradients in one ``vmap(grad(...))`` call over ``batch_views(weights)``."""
         grads, losses = self._batched_grad(self.space.batch_views(weights), x, y)
@@ -212,7 +550,7 @@ class SmoothnessProbe:
         return losses, torch.cat([grads[n].reshape(k, -1) for n in self.space.names], dim=1)
 
     def gradients_sequential(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same K gradients, one ``grad`` call per weight set."""
+        """The same K gradients, one ``grad`` call per weight set: the plain reference."""
         losses, flat = [], []
         for w in weights:
             grads, loss = self._grad(self.space.views(w), x, y)
@@ -220,46 +558,94 @@ class SmoothnessProbe:
             flat.append(torch.cat([grads[n].reshape(-1) for n in self.space.names]))
         return torch.stack(losses), torch.stack(flat)
 
+    def gradients_layered(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                          keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same K gradients, layer by layer (``Layered``; ``keep``: in its kept buffer); raises
+        ``_NotLayered`` where the model or this input does not fit the pattern."""
+        if self.layered is None:
+            raise _NotLayered(self.not_layered)
+        return self.layered.gradients(weights, x, y, self._loss_of, keep)
+
     def _path(self, mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        return self.gradients_batched if mode == "batched" else self.gradients_sequential
+        return {"batched": self.gradients_batched, "layered": self.gradients_layered}.get(mode, self.gradients_sequential)
+
+    def _auto(self, device: torch.device) -> str:
+        """``auto``'s fixed rule: batched on CUDA; on the CPU layered where the model fits, else sequential."""
+        if device.type == "cuda":
+            return "batched"
+        return "layered" if self.layered is not None else "sequential"
 
     # --- one probe ------------------------------------------------------------------------
-    def line(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """θ_t, g, L(θ_t) and the perturbed weights θ_t − η_k·g ``[K, N]``."""
+    def training_gradient(self, model: nn.Module) -> torch.Tensor | None:
+        """g as the training step left it in ``.grad`` (flat, fp32), or None where a parameter has no
+        gradient or is not fp32 (then the probe computes g itself)."""
+        params = dict(model.named_parameters())
+        found = [params[n].grad for n in self.space.names]
+        if any(t is None or t.dtype != torch.float32 for t in found):
+            return None
+        return torch.cat([t.detach().reshape(-1) for t in found])
+
+    def line(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None = None,
+             loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ_t, g, L(θ_t) and the perturbed weights θ_t − η_k·g ``[K, N]``; g and L(θ_t) are
+        computed unless given (the training step's own)."""
         theta = self.space.flatten(model)
-        grads, loss0 = self._grad(self.space.views(theta), x, y)
-        g = torch.cat([grads[n].reshape(-1) for n in self.space.names])
+        if g is None:
+            grads, loss = self._grad(self.space.views(theta), x, y)
+            g = torch.cat([grads[n].reshape(-1) for n in self.space.names])
+        elif loss is None:
+            with torch.no_grad():
+                loss = self._loss(self.space.views(theta), x, y)
         eta = torch.tensor(self.etas, dtype=torch.float32, device=theta.device)
         weights = directions.perturb(theta, g[None], -eta[:, None])
-        return theta, g, loss0, weights
+        return theta, g, torch.as_tensor(loss).detach(), weights
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
-        """Probe ``model`` at its current θ on the minibatch ``(x, y)``; the model is only read."""
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, from_grad: bool = False,
+                 loss: torch.Tensor | float | None = None) -> ProbeResult:
+        """Probe ``model`` at its current θ on the minibatch ``(x, y)``; the model is only read.
+
+        ``from_grad=True``: the caller has just run ``backward()`` of the loss on ``(x, y)`` (BN in
+        train mode) and ``.grad`` holds g; the probe takes it, and ``loss`` (that step's loss) as
+        L(θ_t), instead of recomputing both. On CUDA g is recomputed all the same (see the module doc).
+        """
         with precision_context("fp32", x.device):
-            _, g, loss0, weights = self.line(model, x, y)
+            g = self.training_gradient(model) if from_grad and x.device.type == "cpu" else None
+            _, g, loss0, weights = self.line(model, x, y, g, torch.as_tensor(loss) if g is not None and loss is not None
+                                             else None)
             if self.chosen is None:
-                self.chosen = "batched" if x.device.type == "cuda" else "sequential"
+                self.chosen = self._auto(x.device)
             try:
-                losses, grads = self._path(self.chosen)(weights, x, y)
+                if self.chosen == "layered":
+                    losses, grads = self.gradients_layered(weights, x, y, keep=True)  # consumed by _result below
+                else:
+                    losses, grads = self._path(self.chosen)(weights, x, y)
+            except _NotLayered as why:  # this input does not fit (e.g. a Linear on a 3-D tensor)
+                if self.mode == "layered":
+                    raise UserError(f"--probe-mode layered cannot run this model on these inputs ({why}); "
+                                    "use auto or sequential") from None
+                self.chosen = "sequential"
+                losses, grads = self.gradients_sequential(weights, x, y)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"the {self.chosen} probe ran out of GPU memory with {len(self.etas)} step lengths; "
                                 "use --probe-mode sequential or fewer --probe-steps") from None
         return self._result(loss0, g, losses, grads)
 
     def _result(self, loss0: torch.Tensor, g: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor) -> ProbeResult:
+        """The probe's numbers from the K gradients ``grads`` (overwritten: ∇L(θ') − g, in place)."""
         eta = torch.tensor(self.etas, dtype=torch.float32, device=g.device)
         gnorm = torch.linalg.vector_norm(g)
-        change = torch.linalg.vector_norm(grads - g[None], dim=1)
+        change = torch.linalg.vector_norm(grads.sub_(g[None]), dim=1)
         beta = change / (eta * gnorm)
         # one transfer per probe: everything to the host at once
-        host = torch.cat([loss0.reshape(1), gnorm.reshape(1), losses, change, beta]).double().cpu().tolist()
+        host = torch.cat([loss0.reshape(1).to(losses), gnorm.reshape(1), losses, change, beta]).double().cpu().tolist()
         k = len(self.etas)
         return ProbeResult(loss=host[0], grad_norm=host[1], etas=list(self.etas), losses=host[2:2 + k],
                            gradpred=host[2 + k:2 + 2 * k], beta=host[2 + 2 * k:])
 
     def compare(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> str:
-        """Time both paths on this minibatch (after a warm-up); returns the faster (for benchmarks)."""
-        for mode in ("sequential", "batched"):
+        """Time every path this model has on this minibatch (after a warm-up); returns the fastest (for benchmarks)."""
+        modes = ["sequential", "batched"] + (["layered"] if self.layered is not None else [])
+        for mode in modes:
             fn = self._path(mode)
             try:
                 fn(weights, x, y)  # warm-up: kernel selection, allocator
@@ -270,13 +656,14 @@ class SmoothnessProbe:
                     fn(weights, x, y)
                     _sync(x.device)
                     best = min(best, time.perf_counter() - t0)
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, _NotLayered):
                 best = math.inf
-                torch.cuda.empty_cache()
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
             self.timings[mode] = best
-        if math.isinf(self.timings["sequential"]) and math.isinf(self.timings["batched"]):
-            raise UserError("the probe ran out of GPU memory on both paths; use fewer --probe-steps or a smaller --batch")
-        return "batched" if self.timings["batched"] <= self.timings["sequential"] else "sequential"
+        if all(math.isinf(self.timings[m]) for m in modes):
+            raise UserError("the probe ran out of GPU memory on every path; use fewer --probe-steps or a smaller --batch")
+        return min(modes, key=lambda m: self.timings[m])
 
 
 def _sync(device: torch.device) -> None:
