@@ -59,15 +59,18 @@ PRESETS: dict[str, dict[str, Any]] = {
              "samples": None, "eval_samples": "10000", "hessian_samples": "2048", "hessian_hvps": 100,
              "trajectory_res": 31},
     # Li et al.'s Figure 5 question with BN added: ResNet-20 with and without skip connections, each with
-    # and without BN (on CUDA ResNet-56 and bigger sizes: CUDA_PRESETS). About an hour on a 2-core CPU.
+    # and without BN (on CUDA ResNet-56 and bigger sizes: CUDA_PRESETS). About an hour of one CPU core,
+    # estimated from measured unit costs (single thread: a ResNet-20 step on 128 images 0.45 s, a probe
+    # 4 s, a grid point on 256 images 0.23 s, an HVP on 128 images ~1.5 s): 25 min training, 7 min
+    # surfaces, ~12 min Hessians, 4 min trajectories.
     "resnet": {"models": ["resnet20", "resnet20_bn", "resnet20_noskip", "resnet20_noskip_bn"], "epochs": 5,
                "train_samples": "10000", "probe_every": 10, "res": 21, "samples": "256", "eval_samples": "2000",
-               "hessian_samples": "256", "hessian_hvps": 60, "trajectory_res": 15},
+               "hessian_samples": "128", "hessian_hvps": 60, "trajectory_res": 15},
 }
 # What a preset becomes on a CUDA device.
 CUDA_PRESETS: dict[str, dict[str, Any]] = {
     "resnet": {"models": ["resnet56", "resnet56_bn", "resnet56_noskip", "resnet56_noskip_bn"], "epochs": 20,
-               "train_samples": "all", "probe_every": 1, "res": 51, "samples": "10000", "eval_samples": "10000",
+               "train_samples": "all", "probe_every": 2, "res": 51, "samples": "5000", "eval_samples": "10000",
                "hessian_samples": "2048", "hessian_hvps": 100, "trajectory_res": 31},
 }
 RADII = (0.25, 0.5, 1.0)
@@ -343,9 +346,10 @@ def default_out(preset: str, source: str) -> Path:
     return Path("study") / f"{preset}-{name}"
 
 
-def check_folder(out: Path, record: dict[str, Any], overwrite: bool) -> None:
+def check_folder(out: Path, record: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """Refuse a folder that holds a study made with other settings; with ``overwrite`` delete what an
-    earlier study wrote there instead. Then record this study's settings in ``study.json``."""
+    earlier study wrote there instead. Returns what ``study.json`` is to hold once the data are read
+    (models added to a study keep the others')."""
     path = out / "study.json"
     old = _read_json(path)
     before = old.get("settings", {}) if isinstance(old.get("settings"), dict) else {}
@@ -366,8 +370,8 @@ def check_folder(out: Path, record: dict[str, Any], overwrite: bool) -> None:
         if old or gone:
             print(f"--overwrite: starting the study in {out} again")
     elif old:
-        names = list(dict.fromkeys([*old.get("models", []), *names]))  # models added to a study keep the others'
-    files.write_text_atomic(path, json.dumps(record | {"models": names}, indent=2) + "\n")
+        names = list(dict.fromkeys([*old.get("models", []), *names]))
+    return record | {"models": names}
 
 
 def steps_per_epoch(n: int, batch: int, bn: bool) -> int:
@@ -398,9 +402,10 @@ def run_study(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else default_out(args.preset, trainset.source if trainset is not None else spec)
     files.check_output_dir(out, option="--out")
     with files.WriteLock(out, "study folder"):
-        check_folder(out, record, args.overwrite)  # before the data are read: a refusal costs nothing
+        record = check_folder(out, record, args.overwrite)  # before the data are read: a refusal costs nothing
         if trainset is None:
             trainset = _load_training(args, cfg, dev)
+        files.write_text_atomic(out / "study.json", json.dumps(record, indent=2) + "\n")  # data that can be read
         return _run_locked(args, cfg, dev, trainset, out)
 
 
@@ -591,7 +596,7 @@ def table(names: list[str], results: dict[str, dict[str, Any]]) -> tuple[list[st
               lambda r, rad=rad: f"{_f(r[f'rise_mean_{rad}'])} / {_f(r[f'rise_max_{rad}'])}") for rad in RADII],
         row("trajectory: variance on PC1 / PC2 (%)",
             lambda r: f"{r['pc1_variance']:.1f} / {r['pc2_variance']:.1f}" if "pc1_variance" in r else "n/a"),
-        row("trajectory: ‖θ₀ − θ_final‖ (weights)", lambda r: _f(r["init_distance"]) if "init_distance" in r else "n/a"),
+        row("trajectory: ‖θ₀ − θ_final‖ (weights, no biases or BN)", lambda r: _f(r["init_distance"]) if "init_distance" in r else "n/a"),
         *[row(f"time: {stage} (wall / CPU)", lambda r, stage=stage: f"{r['times'][stage]:.0f}s / {r['cpu_times'][stage]:.0f}s"
               if stage in r["times"] and stage in r.get("cpu_times", {}) else "n/a")
           for stage in ("train with probes", "evaluate", "surface", "hessian", "trajectory")],
@@ -684,6 +689,18 @@ def findings(names: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
                       if lam.endswith("higher with BN") else
                       "A flatter minimum with BN, in line with the seed's picture." if lam.endswith("lower with BN")
                       else ""))
+        if "pc1_variance" in a and "pc1_variance" in b:
+            va, vb = a["pc1_variance"] + a["pc2_variance"], b["pc1_variance"] + b["pc2_variance"]
+            out.append(f"**{arch} vs {bn}, trajectories** (Li et al.'s Figure 9): the first two principal components "
+                       f"hold {va:.1f}% of the path's variance without BN and {vb:.1f}% with BN"
+                       + (", so both paths lie close to a plane, as Li et al. found" if min(va, vb) >= 60 else "")
+                       + f"; the final weights lie {_f(a['init_distance'])} from the initial ones without BN and "
+                       f"{_f(b['init_distance'])} with BN (biases and BN parameters left out).")
+        caveats.append("the Hessian is not normalized as the surfaces are: in a BN network the loss (in batch mode) does "
+                       "not change when the weights feeding a BN layer are scaled, and the curvature along them falls as "
+                       "the square of that scale, so λmax and the trace compare networks with and without BN only up to "
+                       "their weight scales (filter normalization removes this effect from the surfaces, not from the "
+                       "Hessian)")
         if a["train_loss"] > SIMILAR * b["train_loss"] or b["train_loss"] > SIMILAR * a["train_loss"]:
             lo, hi = (bn, arch) if b["train_loss"] < a["train_loss"] else (arch, bn)
             caveats.append(f"{lo} ended at a lower training loss than {hi} ({_f(results[lo]['train_loss'])} against "
@@ -751,10 +768,10 @@ def write_report(out: Path, args: argparse.Namespace, cfg: dict[str, Any], train
         f"no augmentation; the smoothness probes (Santurkar et al.) {every(cfg['probe_every'])} over 8 step lengths "
         f"η from 0.5·lr to 4·lr. Surfaces: {cfg['res']}×{cfg['res']} filter-normalized, α, β in [−1, 1], BN in "
         f"{args.bn_mode} mode (Li et al.), on {n_surface:,} training images. Hessian at the final weights: top "
-        f"eigenvalue (Lanczos, relative residual {EIG_TOL:g}) and trace (Hutch++, standard error {TRACE_TOL:.0%} of "
-        f"|trace|), at most {cfg['hessian_hvps']} Hessian-vector products each, on {n_hessian:,} of those images; BN in "
-        "eval mode, and for BN models also in batch mode (batches of "
-        f"{cfg['batch']}). Trajectories: {cfg['trajectory_res']}×{cfg['trajectory_res']} on the PCA plane of each run's "
+        f"eigenvalue (Lanczos, relative residual {EIG_TOL:g}) and trace (Hutch++, shown ± its standard error, which "
+        f"it brings to {TRACE_TOL:.0%} of |trace|), at most {cfg['hessian_hvps']} Hessian-vector products each, on "
+        f"{n_hessian:,} of those images; BN in eval mode, and for BN models also in batch mode (batches of {cfg['batch']}). "
+        f"Trajectories: {cfg['trajectory_res']}×{cfg['trajectory_res']} on the PCA plane of each run's "
         "checkpoints (Li et al., Sec. 7).",
         shortened(cfg, len(trainset), n_surface),
         ("**The data were synthetic**: a deterministic CIFAR-shaped stand-in was used. The numbers show how the method "

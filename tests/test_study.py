@@ -129,6 +129,28 @@ def test_report_numbers_rederived_from_the_files(tiny: tuple[Path, str, str]) ->
         assert table["Hessian λmax at the minimum, BN eval mode"][k].startswith(f"{lam:.4g}")
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "study"
+
+
+@pytest.mark.skipif(not (DOCS / "report.md").exists(), reason="no committed study report")
+def test_the_committed_report_matches_its_files() -> None:
+    """docs/study: the report's β-smoothness medians and λmax come from the committed metrics.csv and hessian.json."""
+    table = _table((DOCS / "report.md").read_text())
+    names = [c.strip() for c in (DOCS / "report.md").read_text().split("## Numbers")[1].splitlines()[2].strip("|")
+             .split("|")][1:]
+    assert "CIFAR-10 (JPEG copy)" in (DOCS / "report.md").read_text() and names
+    for k, name in enumerate(names):
+        with open(DOCS / name / "train" / "metrics.csv", newline="") as f:
+            beta = np.median([float(r["beta_smooth"]) for r in csv.DictReader(f)])
+        assert table["effective β-smoothness, median"][k] == f"{beta:.4g}"
+        lam = json.loads((DOCS / name / "hessian.json").read_text())["modes"]["eval"]["top_eigenvalue"]["values"][0]
+        assert table["Hessian λmax at the minimum, BN eval mode"][k].startswith(f"{lam:.4g}")
+    for line in (DOCS / "report.md").read_text().splitlines():
+        if line.startswith("!["):
+            figure = DOCS / line.split("](")[-1].rstrip(")")
+            assert figure.is_file() and figure.stat().st_size < 300_000, figure
+
+
 @pytest.mark.slow
 def test_tiny_resnet_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The resnet preset's four models (ResNet-20 ± skip, ± BN) at a tiny size: every stage, the tables and findings."""
@@ -176,6 +198,27 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> 
 def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, [*argv, "--out", str(tmp_path / "s")], needle)
     assert not (tmp_path / "s" / "study.json").exists()  # refused before any work
+
+
+def test_unreadable_data_leave_no_study_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong --data path fails after the folder checks; fixing the path must not be refused as other settings."""
+    _fails(capsys, ["--data", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "s")], "does not exist")
+    assert not (tmp_path / "s" / "study.json").exists()
+
+
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not ARCHIVE.exists(), reason=f"{ARCHIVE} is absent (it is not part of a user's clone)")
+def test_on_the_jpeg_copy_the_report_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # the default folder: study/PRESET-DATA
+    code, _, err = run_main(study.main, ["--data", f"imagefolder:{ARCHIVE}", "--models", "lenet_bn", *TINY[:-2],
+                                         "--device", "cpu"], capsys)
+    assert code == 0, err[-2000:]
+    report = (tmp_path / "study" / "quick-cifar10-jpeg" / "report.md").read_text()
+    assert "on **CIFAR-10 (JPEG copy)**" in report and "synthetic" not in report
+    assert "256 training images instead of all 50,000" in report
 
 
 def test_out_that_is_a_file_or_locked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
