@@ -89,9 +89,10 @@ MAX_BLOCK_CPU = 4  # the vmapped block that block='auto' weighs against one vect
 MAX_BLOCK_CUDA = 16
 PROBE_SAMPLES = 64  # samples of the first batch that block='auto' times both ways on
 # keep_graph='auto': a kept double-backward graph measured 3.6-4.3x the bytes of the forward pass's leaf-module
-# outputs (LeNet-BN, ResNet-20, 64-1,024 images, CPU RSS); estimated as 6x, and kept when within a third of the free memory.
-GRAPH_FACTOR = 6.0
-GRAPH_FRACTION = 1 / 3
+# outputs (LeNet-BN, ResNet-20, 64-1,024 images, growth of the CPU RSS); estimated as 4.5x, and kept when within half
+# of the free memory (ResNet-20 on 1,024 images: ~8.8 GB estimated, ~7 GB used).
+GRAPH_FACTOR = 4.5
+GRAPH_FRACTION = 0.5
 
 
 # --- the parameters a Hessian is taken over ------------------------------------------------
@@ -335,15 +336,16 @@ class HVPOperator:
     (``jvp`` of ``grad``) or ``"reverse"`` (``vjp`` of ``grad``, a double backward); equal results.
     ``keep_graph=True`` (reverse only) keeps every batch's forward and backward graph between calls,
     so that each further HVP is one double-backward pass with no forward pass: what PyHessian does
-    for one batch; faster per HVP on the CPU (benchmark), at the memory of all those graphs
-    (ResNet-20: ~1.6 GB per 256 images). ``"auto"`` keeps them when their estimate
+    for one batch; 1.4x faster per HVP than forward-over-reverse for ResNet-20 on the CPU (benchmark),
+    at the memory of all those graphs (ResNet-20: ~1.7 GB per 256 images). ``"auto"`` keeps them when their estimate
     (``GRAPH_FACTOR`` × the forward pass's activations, a measured bound) fits in
     ``GRAPH_FRACTION`` of the free memory and the data are held in memory (``graph_bytes`` records
     it). ``set_point`` drops them.
 
-    ``channels_last``: feed 4-D image inputs in channels-last memory order (oneDNN's convolutions
-    are much faster on it on the CPU; equal up to rounding); ``"auto"``: on the CPU for models with
-    ``Conv2d`` layers.
+    ``channels_last``: feed 4-D image inputs in channels-last memory order (equal up to rounding);
+    ``"auto"``: on the CPU for models with ``Conv2d`` layers when no graph is kept: there it made
+    ResNet-20's forward-over-reverse product 1.25x faster, but the double backward through a kept
+    graph 7% slower (``benchmarks/results/hessian-cpu-*.md``, per-HVP table).
 
     ``data_parallel=True`` (under torchrun; ``operator`` sets it there): ``batches`` are this rank's
     share; each rank sums its ``n_b``-weighted batch HVPs over the *global* N (``num_samples``, or the
@@ -377,13 +379,6 @@ class HVPOperator:
             _check_batches(self.batches, bn_mode)
         self._module = _private_copy(model, bn_mode)
         sample_x = self.batches.first()[0]
-        if channels_last == "auto":
-            channels_last = self.device.type == "cpu" and layout.applies(model, sample_x)
-        self.channels_last = bool(channels_last) and sample_x.dim() == 4 and sample_x.is_floating_point()
-        if self.channels_last:
-            self.batches = self.batches.map_inputs(layout.to_channels_last)
-        elif sample_x.dim() == 4 and not sample_x.is_contiguous() and sample_x.is_contiguous(memory_format=torch.channels_last):
-            self.channels_last = True  # given so: vmapped blocks must not see them (below)
         self.data_parallel = bool(data_parallel)
         if num_samples is None:
             num_samples = self.batches.samples()
@@ -395,6 +390,13 @@ class HVPOperator:
             keep_graph = ad != "forward" and self._graph_fits(model, sample_x)
         self.keep_graph = bool(keep_graph)
         self.ad = ad or ("reverse" if self.keep_graph else "forward")
+        if channels_last == "auto":  # it pays for forward-over-reverse products only (the benchmark's HVP table)
+            channels_last = self.device.type == "cpu" and not self.keep_graph and layout.applies(model, sample_x)
+        self.channels_last = bool(channels_last) and sample_x.dim() == 4 and sample_x.is_floating_point()
+        if self.channels_last:
+            self.batches = self.batches.map_inputs(layout.to_channels_last)
+        elif sample_x.dim() == 4 and not sample_x.is_contiguous() and sample_x.is_contiguous(memory_format=torch.channels_last):
+            self.channels_last = True  # given so: vmapped blocks must not see them (below)
         self.block: int | None = None if block == "auto" else int(block)
         self.block_timings: dict[int, float] = {}  # block='auto': seconds per vector and probe sample
         self.hvps = 0  # vectors multiplied so far (each is one full pass's worth of HVP work)

@@ -509,17 +509,20 @@ def test_channels_last_and_kept_graphs_are_chosen_and_agree(monkeypatch: pytest.
     v = torch.randn(2, hessian.select_params(model).numel, generator=torch.Generator().manual_seed(9))
     plain = hessian.operator(model, (x, y), batch_size=12, channels_last=False, keep_graph=False)
     auto = hessian.operator(model, (x, y), batch_size=12)
-    assert auto.channels_last and not plain.channels_last  # a conv net on the CPU
-    assert auto.batches[0][0].is_contiguous(memory_format=torch.channels_last)
     assert auto.keep_graph and auto.ad == "reverse" and 0 < auto.graph_bytes  # tiny: the graphs fit
+    assert not auto.channels_last  # a kept graph does not gain from it
+    fwd = hessian.operator(model, (x, y), batch_size=12, keep_graph=False)
+    assert fwd.channels_last and fwd.batches[0][0].is_contiguous(memory_format=torch.channels_last)  # a conv net, CPU
+    kept_cl = hessian.operator(model, (x, y), batch_size=12, keep_graph=True, channels_last=True)
     for block in (1, 2):  # vmapped blocks cannot take channels-last inputs: they run one at a time or on NCHW
-        for op in (auto, hessian.operator(model, (x, y), batch_size=12, ad="forward", block=block)):
+        for op in (auto, fwd, kept_cl):
             op.block = block
             assert _rel(op.hvp(v), plain.hvp(v)) < 1e-5
-    monkeypatch.setattr(hessian.device_mod, "free_memory", lambda dev: auto.graph_bytes)  # a third of it: too little
-    assert not hessian.operator(model, (x, y), batch_size=12).keep_graph
+    monkeypatch.setattr(hessian.device_mod, "free_memory", lambda dev: auto.graph_bytes)  # half of it: too little
+    small = hessian.operator(model, (x, y), batch_size=12)
+    assert not small.keep_graph and small.ad == "forward" and small.channels_last
     mlp, data = _small(False)["model"], _small(False)["data"]
-    assert not hessian.operator(mlp, data).channels_last  # no convolution
+    assert not hessian.operator(mlp, data, keep_graph=False).channels_last  # no convolution
 
 
 def test_small_groups_get_their_trace_exactly(small: dict) -> None:
