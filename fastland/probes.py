@@ -8,39 +8,56 @@ length η in H, θ' = θ_t − η·g. A probe records
 - the gradient predictiveness band [min_H ‖g − ∇L(θ')‖, max_H ‖g − ∇L(θ')‖],
 - the effective β-smoothness     max_H ‖g − ∇L(θ')‖ / ‖η·g‖.
 
-The K perturbed weight sets come from ``directions.perturb`` (the line case
-``dirs = g[None]``, ``coords = −η[:, None]``). Their K gradients are computed by one of three paths:
+The K perturbed weight sets are ``directions.perturb``'s line case (``dirs = g[None]``,
+``coords = −η[:, None]``). Their K gradients are computed by one of three paths:
 
 - *sequential*: one ``torch.func.grad`` of ``functional_call`` per weight set; the plain
   reference, for any model;
 - *batched*: one ``vmap(grad(...))`` call over the K weight sets (fast on CUDA; on the CPU vmap
   turns convolutions into slow grouped ones);
-- *layered*: for a flat ``nn.Sequential`` of Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, Flatten
-  (LeNet and VGG with and without BN), the forward and backward written out layer by layer with
-  the same ATen kernels autograd calls, without autograd's or functorch's per-call work; the
-  first layer's weight gradients for all K step lengths are one convolution with K×C output
-  channels; a ReLU before a 2×2 max-pool runs after it (they commute) and the pool is two
-  ``torch.maximum`` with the backward routed exactly as ``max_pool2d``'s (first maximum in
-  row-major order, a tie included); buffers it needs at every probe are kept between probes.
+- *layered* (``Layered``): for a flat ``nn.Sequential`` of Conv2d, Linear, BatchNorm, ReLU,
+  MaxPool2d and Flatten (LeNet and VGG-16, with and without BN), each weight set's forward and
+  backward written out layer by layer with the ATen kernels autograd records, without autograd's
+  or functorch's per-call work. The first layer's weight gradients for all K step lengths are one
+  convolution with K×C output channels; a ReLU before a 2×2 max-pool runs after it (they commute)
+  and the pool is two ``torch.maximum`` (``max_pool2d`` is ~10x slower on the CPU) with the
+  gradient routed as ``max_pool2d`` routes it (first maximum in row-major order, ties included);
+  the weight sets are made one at a time in one buffer, and the buffers are kept between probes
+  (a fresh buffer of hundreds of MB costs a page fault per 4 KB at every probe).
 
 ``auto`` is a fixed rule per device and model, so the same command gives the same numbers:
 layered on the CPU where the model has that pattern, else sequential; batched on CUDA.
 
-Where the training step has just computed g (``from_grad=True``: ``.grad`` after ``backward()``
-on the same minibatch, BN in train mode), the probe takes it and the step's loss instead of
-recomputing them; on the CPU they are the recomputed values bit for bit. On CUDA g is still
-recomputed: training may run its convolutions in TF32 (PyTorch's default for cuDNN), and the
-probe runs in full fp32 (no TF32), because ‖g − ∇L(θ')‖ at small η is a small difference of two
-gradients that TF32 rounding would swamp.
+g from the training step. ``fastland.train`` calls the probe between ``backward()`` and
+``optimizer.step()`` with ``from_grad=True``: g is the step's own ``.grad`` (same minibatch, BN in
+train mode) and L(θ_t) its loss, instead of one more gradient; on the CPU these equal the recomputed
+ones bit for bit (tested). On CUDA g is recomputed all the same: training may run its convolutions
+in TF32 (PyTorch's default for cuDNN), while the probe runs in full fp32 (no TF32), because
+‖g − ∇L(θ')‖ at small η is a small difference of two gradients that TF32 rounding would swamp.
 
-Identical results. On the CPU the layered path reproduces the sequential one bit for bit, every
-column of ``metrics.csv``: its forward pass calls the same kernels on the same inputs (a max-pool,
-a ReLU and their swap are exact), and its backward calls the kernels autograd calls, with the
-gradients routed through ReLU and max-pool by the same rule; the first layer's stacked
-weight gradient equals the K separate ones bit for bit with oneDNN on this CPU (tested). Were
-that last kernel to round differently elsewhere, the difference would be fp32 rounding of one
-gradient, which is what "identical" must mean for the gradient columns (next paragraph); the
-losses cannot change, as no forward kernel differs.
+Identical results. On the CPU, auto's numbers (layered, g from the step) are today's (sequential, g
+recomputed) bit for bit, in every column of ``metrics.csv``, for LeNet, LeNet-BN, VGG-16 and
+VGG-16-BN (tests: fresh random inputs, and two trainings whose steps are the same). Why: the forward
+pass calls the same kernels on the same inputs (a max-pool, a ReLU and their swap are exact), so
+every loss is the same; the backward calls the kernels autograd calls, with the gradient routed
+through ReLU and max-pool by the same decisions, since they are taken on the same forward values;
+and the first layer's stacked weight gradient equals the K separate ones bit for bit with oneDNN on
+this CPU. That kernel is the one place another machine could round differently, and then
+"identical" has to mean what it can for a column made from a gradient: a difference of ∇L(θ') of
+fp32 rounding, at most 1e-6·‖∇L(θ')‖, so that |Δ‖g − ∇L(θ')‖| ≤ 1e-6·(‖g‖ + ‖g − ∇L(θ')‖) (the tests'
+bound, from ``metrics.csv`` alone). Relative to ‖g − ∇L(θ')‖ itself that is larger wherever
+‖g − ∇L(θ')‖ ≪ ‖∇L‖ (cancellation; see below), which is why "within 1e-6 relative per column" can
+be promised for the losses and ‖g‖ on any machine, and for the gradient columns only as bit for bit
+(this CPU) or relative to ‖∇L(θ')‖.
+
+Cost (``benchmarks/bench_train.py``, results in ``benchmarks/results/train-cpu-*``): on the 2-core
+dev CPU with one thread, a probe at every step costs about 6 plain training steps for LeNet and
+LeNet-BN (today's: about 9.4) and about 7.5 for VGG-16 at batch 8 (today's: about 12). The issue's
+4 is below what identical results allow here: the convolution kernels alone, the same the plain
+step runs, once per step length, take about 4 plain steps for LeNet. A faster first layer,
+conv(x, θ₁) − η·conv(x, g₁) (the engine's factorization), would save about one plain step, but it
+changes the forward by rounding, and on CIFAR-10 (JPEG copy) LeNet it moved gradient predictiveness
+by more than 1e-6 relative in 17 of 320 rows (up to 2e-4) through subgradient jumps (below).
 
 A probe is an evaluation, never a training step: it runs on a parameter-free copy of the
 model whose BatchNorm layers keep no running statistics
@@ -65,12 +82,9 @@ rounding at θ and at θ' is not correlated); fp64 removes it, at 5.6x (LeNet-BN
 is within rounding of a tie, the two paths (or fp32 and fp64) take different subgradients of the
 non-smooth loss and ∇L jumps; in LeNet-BN this gave 3e-5 to 2e-3 relative in about 1% of rows, and
 it vanishes with average pooling and softplus (max 1.2e-5 over 320 rows). That is why the layered
-path keeps every forward kernel as it is: a faster first layer computed as
-conv(x, θ₁) − η·conv(x, g₁) (the engine's factorization) changes the forward by rounding, and on
-CIFAR-10 (JPEG copy) LeNet it moved gradient predictiveness by more than 1e-6 in 17 of 320 rows
-(up to 2e-4) through such jumps. ``auto`` is a fixed rule per device, so one command always takes
-one path and repeats its numbers bit for bit (``tests/test_hardening.py`` bounds the difference
-between the paths).
+path keeps every forward kernel as it is. ``auto`` is a fixed rule per device, so one command always
+takes one path and repeats its numbers bit for bit (``tests/test_hardening.py`` bounds the difference
+between the batched and sequential paths).
 """
 
 from __future__ import annotations
@@ -457,17 +471,46 @@ class Layered:
         return self._keep("stacked", want, like)
 
     def gradients(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses ``[K]`` and flat gradients ``[K, N]`` at the K weight sets ``weights [K, N]``; with
-        ``keep`` the gradients are in a buffer kept for the next call (which overwrites them)."""
-        k_count, layers = weights.shape[0], self.layers
-        losses = torch.empty(k_count, dtype=weights.dtype, device=weights.device)
-        grads = self._keep("grads", tuple(weights.shape), weights) if keep else torch.empty_like(weights)
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses ``[K]`` and flat gradients ``[K, N]`` at the K weight sets ``weights [K, N]``."""
+        grads = torch.empty_like(weights)
+        return self._run(weights.shape[0], lambda k: weights[k], weights, x, y, loss_fn, grads), grads
+
+    def line_gradients(self, theta: torch.Tensor, g: torch.Tensor, etas: list[float], x: torch.Tensor, y: torch.Tensor,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same at θ − η_k·g for the K step lengths, each weight set made when its turn comes in one kept
+        buffer, as ``directions.perturb``'s reference makes row k (θ, then ``addcmul_`` of −η_k and g: the same
+        bits; a test checks it); the gradients ``[K, N]`` are in a kept buffer that the next probe overwrites.
+        For VGG-16 this spares allocating and filling the K weight sets, a quarter of a probe."""
+        k_count = len(etas)
+        coords = -torch.tensor(etas, dtype=torch.float32, device=theta.device)[:, None]
+        row = self._keep("weights", tuple(theta.shape), theta)
+
+        def weights(k: int) -> torch.Tensor:
+            row.copy_(theta)
+            return row.addcmul_(coords[k], g)
+
+        first = self.layers[0]
+        firsts = None
+        if self.stack:  # the first layer's K weight sets side by side, for its stacked gradient
+            a, b = self.slices[first.weight]
+            firsts = torch.empty(k_count, b - a, dtype=theta.dtype, device=theta.device)
+            firsts.copy_(theta[a:b].expand(k_count, -1)).addcmul_(coords, g[a:b])
+        grads = self._keep("grads", (k_count, theta.shape[0]), theta)
+        return self._run(k_count, weights, firsts, x, y, loss_fn, grads, first_offset=True), grads
+
+    def _run(self, k_count: int, weights: Callable[[int], torch.Tensor], firsts: torch.Tensor | None, x: torch.Tensor,
+             y: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], grads: torch.Tensor,
+             first_offset: bool = False) -> torch.Tensor:
+        """The K forward and backward passes; fills ``grads [K, N]`` and returns the losses ``[K]``.
+        ``firsts``: the first layer's K weight sets (rows of ``[K, N]`` or, with ``first_offset``, of just
+        that layer's weight), for its stacked gradient."""
+        layers = self.layers
+        losses = torch.empty(k_count, dtype=grads.dtype, device=grads.device)
         first, stacked = layers[0], None
         with torch.no_grad():
             for k in range(k_count):
-                p = self.space.views(weights[k])
+                p = self.space.views(weights(k))
                 saved: list[list] = [[] for _ in layers]
                 h = x
                 for layer, s in zip(layers, saved, strict=True):
@@ -491,17 +534,20 @@ class Layered:
                     a, b = self.slices[name]
                     grads[k, a:b] = t.reshape(-1)
             if stacked is not None:
-                self._first_layer(first, weights, x, stacked, grads)
-        return losses, grads
+                a, b = self.slices[first.weight]
+                w = firsts if first_offset else firsts[:, a:b]
+                self._first_layer(first, w, x, stacked, grads)
+        return losses
 
-    def _first_layer(self, first: _Conv, weights: torch.Tensor, x: torch.Tensor, stacked: torch.Tensor,
+    def _first_layer(self, first: _Conv, w: torch.Tensor, x: torch.Tensor, stacked: torch.Tensor,
                      grads: torch.Tensor) -> None:
-        """The K first-layer weight (and bias) gradients as one convolution with K×C output channels."""
-        k_count = weights.shape[0]
-        a, b = self.slices[first.weight]
-        w = weights[:, a:b].reshape(k_count * first.module.out_channels, *first.module.weight.shape[1:])
+        """The K first-layer weight (and bias) gradients as one convolution with K×C output channels
+        (``w``: the K weight sets of that layer, ``[K, C·…]``)."""
+        k_count = w.shape[0]
+        w = w.reshape(k_count * first.module.out_channels, *first.module.weight.shape[1:])
         _, gw, gb = _conv_backward(stacked, x, w, [w.shape[0]] if first.bias else None, *first.args,
                                    [False, True, first.bias is not None])
+        a, b = self.slices[first.weight]
         grads[:, a:b] = gw.view(k_count, -1)
         if first.bias:
             a, b = self.slices[first.bias]
@@ -558,13 +604,12 @@ class SmoothnessProbe:
             flat.append(torch.cat([grads[n].reshape(-1) for n in self.space.names]))
         return torch.stack(losses), torch.stack(flat)
 
-    def gradients_layered(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                          keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same K gradients, layer by layer (``Layered``; ``keep``: in its kept buffer); raises
-        ``_NotLayered`` where the model or this input does not fit the pattern."""
+    def gradients_layered(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same K gradients, layer by layer (``Layered``); raises ``_NotLayered`` where the model or
+        this input does not fit the pattern."""
         if self.layered is None:
             raise _NotLayered(self.not_layered)
-        return self.layered.gradients(weights, x, y, self._loss_of, keep)
+        return self.layered.gradients(weights, x, y, self._loss_of)
 
     def _path(self, mode: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         return {"batched": self.gradients_batched, "layered": self.gradients_layered}.get(mode, self.gradients_sequential)
@@ -589,6 +634,11 @@ class SmoothnessProbe:
              loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ_t, g, L(θ_t) and the perturbed weights θ_t − η_k·g ``[K, N]``; g and L(θ_t) are
         computed unless given (the training step's own)."""
+        theta, g, loss0 = self._point(model, x, y, g, loss)
+        return theta, g, loss0, self._weights(theta, g)
+
+    def _point(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None,
+               loss: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         theta = self.space.flatten(model)
         if g is None:
             grads, loss = self._grad(self.space.views(theta), x, y)
@@ -596,9 +646,11 @@ class SmoothnessProbe:
         elif loss is None:
             with torch.no_grad():
                 loss = self._loss(self.space.views(theta), x, y)
+        return theta, g, torch.as_tensor(loss).detach()
+
+    def _weights(self, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         eta = torch.tensor(self.etas, dtype=torch.float32, device=theta.device)
-        weights = directions.perturb(theta, g[None], -eta[:, None])
-        return theta, g, torch.as_tensor(loss).detach(), weights
+        return directions.perturb(theta, g[None], -eta[:, None])
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, from_grad: bool = False,
                  loss: torch.Tensor | float | None = None) -> ProbeResult:
@@ -610,21 +662,21 @@ class SmoothnessProbe:
         """
         with precision_context("fp32", x.device):
             g = self.training_gradient(model) if from_grad and x.device.type == "cpu" else None
-            _, g, loss0, weights = self.line(model, x, y, g, torch.as_tensor(loss) if g is not None and loss is not None
-                                             else None)
+            theta, g, loss0 = self._point(model, x, y, g, torch.as_tensor(loss) if g is not None and loss is not None
+                                          else None)
             if self.chosen is None:
                 self.chosen = self._auto(x.device)
             try:
-                if self.chosen == "layered":
-                    losses, grads = self.gradients_layered(weights, x, y, keep=True)  # consumed by _result below
+                if self.chosen == "layered" and self.layered is not None:  # the K weight sets made one at a time
+                    losses, grads = self.layered.line_gradients(theta, g, self.etas, x, y, self._loss_of)
                 else:
-                    losses, grads = self._path(self.chosen)(weights, x, y)
+                    losses, grads = self._path(self.chosen)(self._weights(theta, g), x, y)
             except _NotLayered as why:  # this input does not fit (e.g. a Linear on a 3-D tensor)
                 if self.mode == "layered":
                     raise UserError(f"--probe-mode layered cannot run this model on these inputs ({why}); "
                                     "use auto or sequential") from None
                 self.chosen = "sequential"
-                losses, grads = self.gradients_sequential(weights, x, y)
+                losses, grads = self.gradients_sequential(self._weights(theta, g), x, y)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"the {self.chosen} probe ran out of GPU memory with {len(self.etas)} step lengths; "
                                 "use --probe-mode sequential or fewer --probe-steps") from None

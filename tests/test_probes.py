@@ -188,7 +188,14 @@ def test_layered_equals_sequential_on_fresh_inputs(name: str, n: int) -> None:
     x, y = _batch(n=n, seed=31)
     prober = probes.SmoothnessProbe(model, probes.default_etas(0.01) if n > 8 else ETAS[::4], "layered")
     assert prober.layered is not None and prober.layered.stack
-    _assert_layered_is_sequential(prober, prober.line(model, x, y)[3], x, y)
+    theta, g, _, weights = prober.line(model, x, y)
+    _assert_layered_is_sequential(prober, weights, x, y)
+    # what a probe runs: each weight set made in turn, bit for bit directions.perturb's row
+    ll, gl = prober.gradients_layered(weights, x, y)
+    for _ in range(2):  # the second call reuses the kept buffers
+        lk, gk = prober.layered.line_gradients(theta, g, prober.etas, x, y, prober._loss_of)
+        assert torch.equal(lk, ll) and torch.equal(gk, gl)
+    assert torch.equal(prober.layered._buffers["weights"], weights[-1])
 
 
 class _Odd(nn.Module):
