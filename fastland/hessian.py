@@ -9,14 +9,21 @@
 of the per-batch HVPs. (Li et al.'s ``hess_vec_prod.py`` sums them, which multiplies every
 eigenvalue by the number of batches.)
 
-**HVPs** are forward-over-reverse, ``jvp(grad(loss))`` through ``functional_call`` on a private
-copy of the model: exact, with no graph kept between calls (``ad="reverse"``: a double backward,
-``vjp(grad(loss))``; ``keep_graph=True``: each batch's graph kept, so that every further HVP is
-one double-backward pass). ``HVPOperator`` takes a block of vectors ``[P, n]`` at once and pushes
-up to ``block`` of them through one ``vmap``, which shares the primal forward and backward among
-them where that is faster (``block="auto"`` times it; ``benchmarks/bench_hessian.py`` measures all).
-Attention runs through the math SDPA kernel, since the fused kernels have no forward-mode or
-double-backward derivative.
+**Data and loss** mean what they mean for ``fastland.surface``: ``fastland.api.prepare`` turns
+tensors, a Dataset, a DataLoader or an ``EvalSet`` into a set cached on the model's device (split
+into batches of ``batch_size``) or streamed (read again for every product), and ``loss_fn`` (None,
+``"cross_entropy"``, ``"mse"`` or a callable returning the batch mean) into a ``Task``.
+
+**HVPs** go through ``functional_call`` on a private copy of the model, exactly: each batch's
+forward and backward graph is kept between products when it fits in memory (``keep_graph="auto"``:
+every further HVP is then one double backward, ``vjp(grad(loss))``, as PyHessian does for one
+batch), else forward-over-reverse, ``jvp(grad(loss))``, with nothing kept (on channels-last inputs
+for convolutional models on the CPU). ``HVPOperator`` takes a block of vectors ``[P, n]`` at once
+and pushes up to ``block`` of them through one ``vmap``, which shares the primal forward and
+backward among them where that is faster (``block="auto"`` times it), and ``hvp_points``
+multiplies at several weights at once (curvature maps, ``fastland.curvature``);
+``benchmarks/bench_hessian.py`` measures every choice. Attention runs through the math SDPA
+kernel, since the fused kernels have no forward-mode or double-backward derivative.
 
 **BN modes** (recorded in every result): ``eval`` uses the running statistics (the model in eval
 mode, dropout off): they are constants, as in surfaces and in PyHessian. ``batch`` normalizes
@@ -48,7 +55,8 @@ A parameter that the forward pass never uses gets a zero row and column (no cras
   are the Ritz values and the weights the squared *first* components of the eigenvectors of the
   tridiagonal matrix (they sum to 1); Gaussian broadening, so the density integrates to 1.
 
-A non-finite HVP stops with a ``UserError`` that names the step, the batch and its loss.
+A non-finite HVP stops with a ``UserError`` that names the step, the batch and its loss (under
+torchrun on every rank). The command line is ``python -m fastland.hessian`` (``fastland.hessian_cli``).
 """
 
 from __future__ import annotations

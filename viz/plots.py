@@ -259,7 +259,8 @@ def curvature_png(surface: Surface, path: str | Path, size: tuple[int, int] | No
         if np.isfinite(lz).sum() > 3:
             levels = _round_levels(float(np.nanmin(lz)), float(np.nanmax(lz)), log, 10)
             if len(levels):
-                lines = ax.contour(surface.x, surface.y, np.ma.masked_invalid(lz), levels=levels, colors="white",
+                ink = "black" if key == "lambda_min" else "white"  # the λmin maps are light near 0
+                lines = ax.contour(surface.x, surface.y, np.ma.masked_invalid(lz), levels=levels, colors=ink,
                                    linewidths=0.6, alpha=0.8)
                 ax.clabel(lines, lines.levels[::2], fmt=lambda v: f"{10**v:.3g}" if log else f"{v:.3g}", fontsize=6)
         ax.plot(0, 0, marker="+", color="red", markersize=12)
@@ -267,7 +268,7 @@ def curvature_png(surface: Surface, path: str | Path, size: tuple[int, int] | No
         ax.set_xlabel("α")
         ax.set_ylabel("β")
         ax.set_title(label, fontsize=10)
-    fig.suptitle(title(surface) + "  —  white lines: the loss", fontsize=10)
+    fig.suptitle(title(surface) + "  —  contour lines: the loss", fontsize=10)
     if warning(surface):
         notes.insert(0, warning(surface))
     fig.text(0.01, 0.005, "\n".join(notes), fontsize=7.5, color="dimgray", va="bottom", wrap=True)
