@@ -76,6 +76,7 @@ def test_tiny_quick_study_end_to_end_and_reuse(tiny: tuple[Path, str, str]) -> N
                 "Hessian trace at the minimum, BN batch mode", "loss rise at r=0.5", "trajectory: variance on PC1"):
         assert row in report
     assert "Shortened from the seed's experiment: lenet" not in report and "2 epochs instead of 20" in report
+    assert "epochs of Adam (lr 0.01, batch 128)" in report
     assert report.index("## What the numbers show") < report.index("## Numbers") < report.index("## Figures")
     html = (out / "report.html").read_text()
     assert "<table>" in html and "fig1_lenet.png" in html and "trajectory_lenet_bn.png" in html
@@ -174,6 +175,7 @@ def test_tiny_resnet_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     assert (out / "figures" / "fig1_resnet20.png").is_file() and (out / "figures" / "fig1_resnet20_noskip.png").is_file()
     assert len(list((out / "figures").glob("fig2_resnet20*.png"))) in (2, 8)  # one 4-panel figure per scale, or maps
     assert "resnet56" not in report  # ResNet-56 is the preset's CUDA form
+    assert "epochs of Adam (lr 0.001, batch 128)" in report  # the preset's rate: ResNets without BN fail at 0.01
 
 
 def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
@@ -279,3 +281,6 @@ def test_findings_flag_a_collapsed_run_and_compare_skips() -> None:
                                                              "resnet20_noskip": _result(50, 6.0, 0.1, 2.0, 40.0)})
     assert len(skips) == 1 and skips[0].startswith("**Skip connections, resnet20 vs resnet20_noskip**")
     assert "0.5 with skips and 2 without (4.0× lower with skips)" in skips[0]
+    alone = study.findings(["lenet_bn"], {"lenet_bn": _result(80, 9.0, 0.02, 0.4)})
+    assert alone == ["No model here has its counterpart with (or without) BN or skip connections, so nothing is "
+                     "compared; the table has each model's numbers."]
