@@ -816,6 +816,12 @@ def probe_checks(rec: Record, names: list[str], batch: int) -> None:
                 _, _, _, weights = prober.line(model, x, y)
                 lb, gb = prober.gradients_batched(weights, x, y)
                 ls, gs = prober.gradients_sequential(weights, x, y)
+                ll, gl = prober.gradients_layered(weights, x, y)
+            llrel = float(((ll - ls).abs() / ls.abs()).max())
+            glrel = float((torch.linalg.vector_norm(gl - gs, dim=1) / torch.linalg.vector_norm(gs, dim=1)).max())
+            rec.check(f"layered probe = sequential [{name}, batch {batch}, {len(prober.etas)} step lengths]",
+                      bool(torch.isfinite(ll).all() and torch.isfinite(gl).all()) and llrel <= 1e-5 and glrel <= 1e-3,
+                      f"loss rel. err {llrel:.2e} (tol 1e-5), gradient rel. err {glrel:.2e} (tol 1e-3)")
             lrel = float(((lb - ls).abs() / ls.abs()).max())
             grel = float((torch.linalg.vector_norm(gb - gs, dim=1) / torch.linalg.vector_norm(gs, dim=1)).max())
             finite = bool(torch.isfinite(lb).all() and torch.isfinite(gb).all())
@@ -848,13 +854,13 @@ def stage_probes(rec: Record, args: argparse.Namespace) -> None:
         auto = modes.get("auto", {}).get("extra_info", {})
         measured = auto.get("measured_ms", {})
         rows.append([name, str(next(iter(modes.values()))["extra_info"]["batch"]), _fmt(ms.get("none")),
-                     _fmt(ms.get("batched")), _fmt(ms.get("sequential")),
+                     _fmt(ms.get("batched")), _fmt(ms.get("layered")), _fmt(ms.get("sequential")),
                      _fmt(ms.get("sequential", math.nan) / ms.get("batched", math.nan)),
                      f"{_fmt(ms.get('auto'))} ({auto.get('chosen', '?')})",
                      f"{_fmt(measured.get('batched'))} / {_fmt(measured.get('sequential'))}",
                      _fmt(ms.get("batched", math.nan) / ms.get("none", math.nan))])
     rec.table("steps", "One training step with smoothness probes (median ms; H = 8 step lengths)",
-              ["model", "batch", "no probe", "batched", "sequential", "sequential ÷ batched", "auto (its pick)",
+              ["model", "batch", "no probe", "batched", "layered", "sequential", "sequential ÷ batched", "auto (its pick)",
                "auto's one-off ms: batched / sequential", "batched ÷ no probe"], rows,
               ["A probed step computes 9 extra gradients (g again, and one per step length), so ~9× a plain step is "
                "the cost of the work itself; batched wins where vmap over the 8 weight sets beats 8 separate calls."])

@@ -99,7 +99,7 @@ def test_stage_numbers_are_sane(dry_run: tuple[subprocess.CompletedProcess[str],
 
     probes, md = _stage_files(out, "probes")
     modes = {(b["extra_info"]["model"], b["extra_info"]["mode"]) for b in probes["results"]["benchmark"]["benchmarks"]}
-    assert modes == {(m, mode) for m in ("lenet", "lenet_bn") for mode in ("none", "batched", "sequential", "auto")}
+    assert modes == {(m, mode) for m in ("lenet", "lenet_bn") for mode in ("none", "layered", "batched", "sequential", "auto")}
     assert "| lenet_bn | 8 |" in md
 
     study, md = _stage_files(out, "study")

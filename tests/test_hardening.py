@@ -289,7 +289,7 @@ def test_two_trainings_in_one_folder_and_auto_probes_repeat(lab: Lab, tmp_path: 
     a, b = tmp_path / "run", tmp_path / "twin"
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
     assert len((a / "metrics.csv").read_text().splitlines()) == 1 + 6 * 4  # every step of 6 epochs of 4 batches
-    assert json.loads((a / "metrics.json").read_text())["chosen"] == "sequential"
+    assert json.loads((a / "metrics.json").read_text())["chosen"] == "layered"  # auto on the CPU, for a flat Sequential
     wa, wb = models.read_checkpoint(a / "final.pt")["state_dict"], models.read_checkpoint(b / "final.pt")["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
