@@ -213,6 +213,8 @@ def flops_section(benches: list[dict[str, Any]]) -> list[str]:
         peak = {"fp32": peak32, "tf32": peak_tf32 or peak32, "bf16": peak16}.get(e["precision"]) or peak32
         frac = f"{100 * fact * 1e9 / peak:.0f}%" if peak else "–"
         table.append([b["name"].replace("test_", ""), e["model"], e["precision"], f"{nominal:,.1f}", f"{fact:,.1f}", frac])
+    if not table:  # a run of other cases only (e.g. -k side_by_side): no section
+        return []
     out += _table(["case", "model", "precision", "GFLOP/s (nominal MACs)", "GFLOP/s (factorized MACs)",
                    "factorized / peak"], table)
     out += ["Nominal counts every MAC of the plain model (LeNet 651.7k per image); factorized counts the work "
