@@ -333,7 +333,7 @@ def main() -> None:
     p.add_argument("--tag", default="", help="a suffix for the result files, so that a second run of the day does not "
                                             "replace the first")
     a = p.parse_args()
-    command = "python benchmarks/bench_distributed.py" + (f" --rounds {a.rounds}" if a.rounds != 3 else "")
+    command = "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])
     data = run_all(a.rounds, a.res, a.samples, command)
     stem = a.out / f"distributed-cpu-{data['machine']['date']}{'-' + a.tag if a.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
