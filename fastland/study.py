@@ -49,8 +49,9 @@ SEED = {"models": ["lenet", "lenet_bn", "vgg16", "vgg16_bn"], "epochs": 20, "tra
 PRESETS: dict[str, dict[str, Any]] = {
     # LeNet with and without BN in 8.4 minutes of CPU time (12.9 min wall on the shared 2-core CPU, one
     # thread; docs/study/README.md), well inside the 20-minute target: all 50,000 training images but 6
-    # epochs, a probe every 4th step (a probe costs ~9 plain steps on the CPU: probes are still two thirds
-    # of training), the surfaces, trajectories and Hessians on 1,024 training images.
+    # epochs, a probe every 4th step (a probe cost ~9 plain steps on the CPU when this was measured, 6 with
+    # today's layered path (benchmarks/results/train-cpu-2026-11-25.md): probes were two thirds of
+    # training), the surfaces, trajectories and Hessians on 1,024 training images.
     "quick": {"models": ["lenet", "lenet_bn"], "epochs": 6, "train_samples": "all", "probe_every": 4, "res": 51,
               "samples": "1024", "eval_samples": "10000", "hessian_samples": "1024", "hessian_hvps": 100,
               "trajectory_res": 31},
@@ -286,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", default=None,
                    help=f"training images: a number (a seeded subset) or 'all' ({_presets_say('train_samples')})")
     p.add_argument("--probe-every", type=int, default=None, metavar="K",
-                   help="probe every K-th training step (1: every step, as the seed; a probe costs about 9 plain steps "
-                        f"on a CPU; {_presets_say('probe_every')})")
+                   help="probe every K-th training step (1: every step, as the seed; a probe costs about 6 plain steps "
+                        f"for LeNet on a CPU, more for VGG; {_presets_say('probe_every')})")
     p.add_argument("--res", type=int, default=None, help=f"surface points per axis ({_presets_say('res')})")
     p.add_argument("--samples", default=None,
                    help="training images the surfaces and trajectories are evaluated on, the first of the training "
