@@ -76,7 +76,7 @@ import torch.distributed as dist
 from fastland import data as data_mod
 from fastland import files, surfacefile
 from fastland.device import free_memory
-from fastland.errors import UserError, one_line
+from fastland.errors import UserError, one_line, say
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT = 60.0  # seconds: a lost peer is noticed within this
@@ -189,7 +189,7 @@ class _CppLog:
 def _say_and_exit(message: str) -> None:
     """Print one line and end this process now (a thread that cannot unwind the main one)."""
     with contextlib.suppress(Exception):
-        print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+        say(f"error: {one_line(message)}")
     os._exit(_EXIT_HARD)
 
 

@@ -131,10 +131,20 @@ def quiet_h5py_dealloc() -> Iterator[None]:
         sys.unraisablehook, sys.excepthook = hooks
 
 
+def say(text: str) -> None:
+    """Print ``text`` and its newline to stderr in one ``write``: under torchrun every rank shares the
+    stream, and ``print``'s separate write of the newline lets two ranks' lines run together."""
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stderr: nothing more can be said
+        pass
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: object = None, line: str | None = None) -> None:
     """Warnings in a CLI read ``warning: ...``, without a source path and line."""
-    print(f"warning: {one_line(message)}", file=sys.stderr)
+    say(f"warning: {one_line(message)}")
 
 
 def save_traceback(exc: BaseException) -> Path | None:
@@ -155,23 +165,21 @@ def save_traceback(exc: BaseException) -> Path | None:
 def report(exc: BaseException) -> int:
     """Print one line for ``exc`` and return the exit code (see the module docstring)."""
     if isinstance(exc, UserError):
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        say(f"error: {one_line(exc)}")
         return EXIT_USER_ERROR
     if isinstance(exc, KeyboardInterrupt):
-        print("\ninterrupted: progress so far is saved; run the same command again to resume", file=sys.stderr)
+        say("\ninterrupted: progress so far is saved; run the same command again to resume")
         return EXIT_INTERRUPTED
     if (fs := file_system_error(exc)) is not None:
-        print(f"error: {describe_os_error(fs)}", file=sys.stderr)
+        say(f"error: {describe_os_error(fs)}")
         return EXIT_USER_ERROR
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # the host's, or torch's on a GPU
         where = "" if isinstance(exc, MemoryError) else " on the GPU"
-        print(f"error: out of memory{where}; use fewer --samples, a smaller --res or a smaller --batch-size",
-              file=sys.stderr)
+        say(f"error: out of memory{where}; use fewer --samples, a smaller --res or a smaller --batch-size")
         return EXIT_USER_ERROR
     saved = save_traceback(exc)
     where = f"full traceback in {saved}" if saved else "no traceback file could be written"
-    print(f"error: unexpected {type(exc).__name__}: {one_line(exc)[:300]} ({where}; please report it)",
-          file=sys.stderr)
+    say(f"error: unexpected {type(exc).__name__}: {one_line(exc)[:300]} ({where}; please report it)")
     return EXIT_BUG
 
 
@@ -206,5 +214,5 @@ class ArgumentParser(argparse.ArgumentParser):
                                                    re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        say(f"error: {one_line(message)} (see {self.prog} --help)")
         sys.exit(EXIT_USER_ERROR)

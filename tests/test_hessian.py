@@ -563,7 +563,8 @@ x[40, 0, 0, 0] = float("inf")   # in the second rank's half of the batches
 try:
     hessian.top_eigenvalues(model, (x, y), batch_size=16)
 except UserError as err:
-    print(f"stopped: {err}", flush=True)
+    sys.stdout.write(f"stopped: {err}\\n")  # one write: the two ranks share stdout (print writes the newline apart)
+    sys.stdout.flush()
     sys.exit(2)
 '''
 
