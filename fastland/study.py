@@ -47,11 +47,10 @@ from fastland.train import slug
 SEED = {"models": ["lenet", "lenet_bn", "vgg16", "vgg16_bn"], "epochs": 20, "train_samples": "all", "probe_every": 1}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # LeNet with and without BN in 8.4 minutes of CPU time (12.9 min wall on the shared 2-core CPU, one
-    # thread; docs/study/README.md), well inside the 20-minute target: all 50,000 training images but 6
-    # epochs, a probe every 4th step (a probe cost ~9 plain steps on the CPU when this was measured, 6 with
-    # today's layered path (benchmarks/results/train-cpu-2026-11-25.md): probes were two thirds of
-    # training), the surfaces, trajectories and Hessians on 1,024 training images.
+    # LeNet with and without BN in 6.7 minutes on one thread of the 2-core CPU (docs/study/README.md), well
+    # inside the 20-minute target: all 50,000 training images but 6 epochs, a probe every 4th step (a probe
+    # costs ~6 plain steps on the CPU, benchmarks/results/train-cpu-2026-11-25.md: the probes are still about
+    # half of training), the surfaces, trajectories and Hessians on 1,024 training images.
     "quick": {"models": ["lenet", "lenet_bn"], "epochs": 6, "train_samples": "all", "probe_every": 4, "res": 51,
               "samples": "1024", "eval_samples": "10000", "hessian_samples": "1024", "hessian_hvps": 100,
               "trajectory_res": 31},
@@ -271,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick", choices=tuple(PRESETS),
                    help="quick (default): LeNet with and without BN, 6 epochs on all 50,000 training images, a probe "
-                        "every 4th step, 51x51 surfaces on 1,024 images (8.4 minutes of CPU time, measured); seed: the "
+                        "every 4th step, 51x51 surfaces on 1,024 images (6.7 minutes on one CPU thread, measured); seed: the "
                         "seed's experiment, LeNet and VGG-16 with and without BN, 20 epochs, a probe every step (a "
                         "GPU); resnet: ResNet-20 (ResNet-56 on CUDA) with and without skip connections, each with "
                         "and without BN (about an hour on a 2-core CPU; 20 epochs on all data on CUDA)")
