@@ -61,6 +61,7 @@ torchrun on every rank). The command line is ``python -m fastland.hessian`` (``f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -80,6 +81,7 @@ from fastland import api, distributed
 from fastland import data as data_mod
 from fastland import device as device_mod
 from fastland.engine.fastpaths import layout
+from fastland.engine.precision import precision_context
 from fastland.errors import UserError
 from fastland.losses import Task
 from fastland.params import FlatSpace, ParamInfo
@@ -497,6 +499,15 @@ class HVPOperator:
         hv, g, value = vmap(single, out_dims=(0, None, None))(vecs)
         return hv, g, value
 
+    @contextlib.contextmanager
+    def _exact(self) -> Iterator[None]:
+        """How every product is computed: attention through the math kernel (the fused CPU/CUDA kernels have
+        no forward-mode or double-backward derivative), and on CUDA true fp32 convolutions and matmuls, not
+        the TF32 that PyTorch lets cuDNN use by default (10-bit mantissas: ~1e-3 relative error in each
+        product, as large as Lanczos' default tolerance)."""
+        with sdpa_kernel([SDPBackend.MATH]), precision_context("fp32", self.device):
+            yield
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for ``v`` of shape ``[n]``, or row by row for ``[P, n]``."""
         single = v.dim() == 1
@@ -506,9 +517,7 @@ class HVPOperator:
         vecs = vecs.to(self.device, self.dtype)
         out = torch.zeros_like(vecs)
         grad_sum = torch.zeros(self.numel, device=self.device, dtype=self.dtype) if not self._checked_gradient else None
-        # Attention through the math kernel: the fused CPU/CUDA kernels have no forward-mode or
-        # double-backward derivative.
-        with sdpa_kernel([SDPBackend.MATH]):
+        with self._exact():
             problem = self._accumulate(vecs, out, grad_sum)
         self._finish(out, problem, grad_sum)
         self.hvps += vecs.shape[0]
@@ -603,7 +612,7 @@ class HVPOperator:
 
         problem = None
         start = self.batches.first_sample
-        with sdpa_kernel([SDPBackend.MATH]):
+        with self._exact():
             for b, (x, y) in enumerate(self.batches, self.batches.first_batch):
                 if self.batches.streamed:
                     _check_batch(x, y, self.bn_mode)
