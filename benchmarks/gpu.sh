@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runner: every GPU check and measurement in a few commands (benchmarks/README.md).
 #
-#   bash benchmarks/gpu.sh STAGE OUTDIR [OPTIONS]   one stage on a CUDA GPU: tests, kernels, engine, probes, study
+#   bash benchmarks/gpu.sh STAGE OUTDIR [OPTIONS]   one stage on a CUDA GPU: tests, kernels, engine, probes, hessian, study
 #   bash benchmarks/gpu.sh --dry-run OUTDIR         every stage at tiny sizes on the CPU; exit 0 only if all work
 #   bash benchmarks/gpu.sh --help                   the stages and options
 #

@@ -9,7 +9,10 @@ each in its own process, and exits 0 only when all of them work (CI runs it). St
   (GB/s against a device copy of the same bytes, measured in the same run);
 - ``engine``: the engine against the reference evaluator on a sample of points, then whole
   grids at the targets' sizes (``ENGINE_CASES``) and the per-point DataLoader baseline;
-- ``probes``: batched against sequential smoothness probes (same values), then ``bench_train.py``;
+- ``probes``: batched and layered against sequential smoothness probes (same values), then ``bench_train.py``;
+- ``hessian``: Hessian-vector products against autograd's double backward (both BN modes) and the top
+  eigenpair's residual, then the top eigenvalue, top 5 and trace of ResNet-20-BN on 1,024 and 10,000
+  images (PyHessian beside it where installed) and a 21×21 curvature map on 10,000 images;
 - ``study``: ``python -m fastland.study`` on the carried CIFAR-10 JPEG copy
   (``benchmarks/carry_data.sh``), skipped with the reason where ``fastland.data`` has no
   ``imagefolder:`` source yet.
@@ -61,10 +64,10 @@ if str(BENCH) not in sys.path:  # bench_engine, bench_kernels: their helpers are
 
 from fastland.errors import ArgumentParser, UserError, cli_entry  # noqa: E402 (after the path)
 
-STAGES = ("tests", "kernels", "engine", "probes", "study")
+STAGES = ("tests", "kernels", "engine", "probes", "hessian", "study")
 # Seconds per stage on the GPU: each stage runs as one device command of at most 600 s, which
 # also pays for Python's start, fastland's install check and writing the results.
-BUDGET = {"tests": 480, "kernels": 480, "engine": 510, "probes": 300, "study": 510}
+BUDGET = {"tests": 480, "kernels": 480, "engine": 510, "probes": 300, "hessian": 510, "study": 510}
 DRY_BUDGET = 150
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 CIFAR_JPEG_SHA256 = "820394552d8cd6cf2834c7f34753d3e36624717e73e6a373a57a01edb25bc5f0"  # ../shared/data/README.md
@@ -866,6 +869,192 @@ def stage_probes(rec: Record, args: argparse.Namespace) -> None:
                "the cost of the work itself; batched wins where vmap over the 8 weight sets beats 8 separate calls."])
 
 
+# --- stage: hessian ---------------------------------------------------------------------------------
+HESSIAN_MODELS = ("lenet_bn", "resnet20_bn")
+
+
+def _hessian_problem(name: str, images: int, dev: Any, seed: int) -> tuple[Any, Any, Any]:
+    """A randomized built-in model (no zero tensors, BN statistics set) and random images with labels, on ``dev``."""
+    import torch
+
+    from fastland import models
+
+    model = models.randomized(name, seed).to(dev).eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 3, 32, 32, generator=gen).to(dev)
+    y = torch.randint(0, 10, (images,), generator=gen).to(dev)
+    return model, x, y
+
+
+def _autograd_hvp(model: Any, x: Any, y: Any, vecs: Any, bn_mode: str) -> Any:
+    """H v by ``torch.autograd.grad`` twice on the mean cross-entropy of one batch, on a copy whose BN modules are
+    in train mode for ``bn_mode='batch'``: the plain reference, independent of fastland's products."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    ref = copy.deepcopy(model).eval()
+    if bn_mode == "batch":
+        for m in ref.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(F.cross_entropy(ref(x), y), params, create_graph=True)
+    rows = []
+    for v in vecs:
+        parts = v.split([p.numel() for p in params])
+        hv = torch.autograd.grad(grads, params, [t.view(p.shape) for t, p in zip(parts, params, strict=True)],
+                                 retain_graph=True)
+        rows.append(torch.cat([h.reshape(-1) for h in hv]))
+    return torch.stack(rows)
+
+
+def hessian_checks(rec: Record, images: int) -> None:
+    """fastland's Hessian-vector products against autograd's double backward (fresh random vectors, both BN
+    modes, one batch so that batch statistics are the same), and the top eigenpair's residual recomputed with
+    autograd's product; all in full fp32 (no TF32)."""
+    import torch
+
+    from fastland import hessian
+    from fastland.engine import precision_context
+
+    dev = rec.device
+    seed = int(time.time()) % 100_000
+    for name in HESSIAN_MODELS:
+        model, x, y = _hessian_problem(name, images, dev, seed)
+        for bn_mode in ("eval", "batch"):
+            label = f"HVP = autograd double backward [{name}, bn_mode={bn_mode}, {images} images]"
+            try:
+                op = hessian.operator(model, (x, y), None, bn_mode, batch_size=images)
+                vecs = torch.randn(2, op.numel, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+                got = op.hvp(vecs)
+                with precision_context("fp32", dev):
+                    want = _autograd_hvp(model, x, y, vecs, bn_mode)
+                rel = float((torch.linalg.vector_norm(got - want, dim=1) / torch.linalg.vector_norm(want, dim=1)).max())
+                rec.check(label, bool(torch.isfinite(got).all()) and rel <= 1e-5, f"relative error {rel:.2e} (tol 1e-5)")
+            except Exception as err:  # noqa: BLE001 - a path that raises fails its check, by name
+                rec.check(label, False, f"raised {type(err).__name__}: {err}"[:300])
+        label = f"top eigenpair's residual by autograd's product [{name}, {images} images]"
+        try:
+            res = hessian.top_eigenvalues(model, (x, y), k=1, tol=1e-3, batch_size=images)
+            v = res.flat[0] if res.flat.dim() == 2 else res.flat
+            with precision_context("fp32", dev):
+                hv = _autograd_hvp(model, x, y, v[None].to(dev), "eval")[0]
+            lam = float(res.values[0])
+            resid = float(torch.linalg.vector_norm(hv - lam * v.to(dev)) / abs(lam) / torch.linalg.vector_norm(v))
+            rec.check(label, res.converged and resid <= 2e-3,
+                      f"λ1 {lam:.6g} after {res.hvps} products, residual {resid:.1e} (Lanczos said "
+                      f"{float(res.residuals[0]):.1e}; tol 1e-3, checked to 2e-3)")
+        except Exception as err:  # noqa: BLE001
+            rec.check(label, False, f"raised {type(err).__name__}: {err}"[:300])
+
+
+def _timed(dev: Any, fn: Callable[[], Any]) -> tuple[Any, float]:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def stage_hessian(rec: Record, args: argparse.Namespace) -> None:
+    """Issue 11's GPU numbers: the top eigenvalue (and top 5) of ResNet-20-BN on 1,024 and 10,000 images, PyHessian
+    beside it where it is installed, and a 21×21 curvature map on 10,000 images (timed on a 3×3 subgrid first;
+    the whole map only when the budget holds it, else extrapolated and listed as left out)."""
+    import torch
+
+    from fastland import directions, hessian
+    from fastland.params import FlatSpace
+
+    dry = rec.dry_run
+    hessian_checks(rec, 16 if dry else 256)
+    if rec.failed_checks():
+        rec.note("the Hessian timings are not taken: a check failed")
+        return
+    dev = rec.device
+    name = "lenet_bn" if dry else "resnet20_bn"
+    sizes = (64,) if dry else (1024, 10_000)
+    rows: list[list[str]] = []
+    rec.results["timings"] = []
+
+    def add(what: str, images: int, seconds: float, hvps: int | None, value: str, note: str = "") -> None:
+        rec.results["timings"].append({"model": name, "what": what, "images": images, "seconds": seconds,
+                                       "hvps": hvps, "value": value, "note": note})
+        per = f"{seconds / hvps:.3g}" if hvps else "–"
+        rows.append([name, f"{images:,}", what, _fmt(seconds), str(hvps or "–"), per, value, note])
+        rec.table("hessian", f"Hessian of {name} (BN eval mode, cross-entropy, randomized weights, random images)",
+                  ["model", "images", "what", "seconds", "HVPs", "s per HVP", "value", "note"], rows,
+                  ["Weights: `fastland.models.randomized` (no training; a trained minimum needs other HVP counts). "
+                   "Tolerances: Lanczos relative residual 1e-3; Hutch++ standard error 1e-2 of the trace. Every "
+                   "product in full fp32 (no TF32)."])
+
+    for images in sizes:
+        model, x, y = _hessian_problem(name, images, dev, 0)
+        if rec.left() < 60:
+            rec.left_out(f"top eigenvalue on {images:,} images (the budget ran out)")
+            continue
+        res, sec = _timed(dev, lambda: hessian.top_eigenvalues(model, (x, y), k=1, tol=1e-3))  # noqa: B023
+        add("top-1 eigenvalue (fastland)", images, sec, res.hvps, f"λ1 = {float(res.values[0]):.6g}")
+        if images == sizes[0]:
+            try:
+                import pyhessian
+            except ImportError:
+                rec.note("PyHessian is not installed here: its side of the comparison is the CPU one "
+                         "(benchmarks/results/hessian-cpu-*.md)")
+            else:
+                import copy
+
+                import torch.nn.functional as F
+
+                def theirs(model: Any = model, x: Any = x, y: Any = y) -> Any:
+                    torch.manual_seed(0)
+                    comp = pyhessian.hessian(copy.deepcopy(model), F.cross_entropy, data=(x, y), cuda=dev.type == "cuda")
+                    return comp.eigenvalues(top_n=1, tol=1e-3)
+
+                (vals, _), sec = _timed(dev, theirs)
+                add("top-1 eigenvalue (PyHessian 0.1, power iteration)", images, sec, None, f"λ1 = {vals[0]:.6g}",
+                    "its HVP count is not reported")
+        if images == sizes[-1] and rec.left() > 90:
+            res5, sec = _timed(dev, lambda: hessian.top_eigenvalues(model, (x, y), k=5, tol=1e-3))  # noqa: B023
+            add("top-5 eigenvalues (fastland)", images, sec, res5.hvps,
+                "λ = " + ", ".join(f"{v:.4g}" for v in res5.values))
+            tr, sec = _timed(dev, lambda: hessian.trace(model, (x, y), tol=1e-2, max_iter=100))  # noqa: B023
+            add("trace (Hutch++)", images, sec, tr.hvps, f"{float(tr):.6g} ± {tr.stderr:.2g}",
+                "" if tr.converged else "standard error above 1e-2 after 100 products (random weights)")
+
+    # The curvature map: 21×21 (5×5 in a dry run) on the largest set, random filter-normalized directions.
+    res_map, images = (5, 32) if dry else (21, 10_000)
+    model, x, y = _hessian_problem(name, images, dev, 0)
+    space = FlatSpace(model)
+    dirs = list(directions.make(space, space.flatten(model), 2, seed=1))
+    stride = res_map // 2
+    pilot, sec = _timed(dev, lambda: hessian.curvature_map(model, (x, y), dirs, res=res_map, stride=stride,
+                                                           progress=False))
+    n_pilot = int(pilot.done.sum())
+    per_point = sec / n_pilot
+    estimate = per_point * res_map**2
+    add(f"curvature map, {n_pilot} points of {res_map}×{res_map} (stride {stride})", images, sec,
+        int(pilot.hvps[pilot.done].sum()), f"λmin/λmax ratio {float(pilot.ratio[pilot.done].min()):.3g} to "
+        f"{float(pilot.ratio[pilot.done].max()):.3g}", f"{per_point:.3g} s per point: {res_map}×{res_map} ≈ {estimate:,.0f} s")
+    rec.results["curvature_map_estimate_s"] = estimate
+    if estimate * 1.2 < rec.left() - 20:
+        full, sec = _timed(dev, lambda: hessian.curvature_map(model, (x, y), dirs, res=res_map, progress=False))
+        add(f"curvature map, {res_map}×{res_map}", images, sec, int(full.hvps[full.done].sum()),
+            f"λmin/λmax ratio {float(full.ratio[full.done].min()):.3g} to {float(full.ratio[full.done].max()):.3g}",
+            f"{int(full.done.sum())} points")
+        rec.results["curvature_map_s"] = sec
+    else:
+        rec.left_out(f"the whole {res_map}×{res_map} curvature map on {images:,} images: about {estimate:,.0f} s by "
+                     f"the {n_pilot}-point pilot, more than the {rec.left():.0f} s left; run `python -m fastland.hessian "
+                     "--map FILE.h5` on a surface file, which resumes across commands")
+
+
 # --- stage: study -----------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -1070,7 +1259,8 @@ def _collect_study(rec: Record, run: Path, code: int | None, output: str) -> Non
 
 # --- running -----------------------------------------------------------------------------------------
 RUNNERS: dict[str, Callable[[Record, argparse.Namespace], None]] = {
-    "tests": stage_tests, "kernels": stage_kernels, "engine": stage_engine, "probes": stage_probes, "study": stage_study,
+    "tests": stage_tests, "kernels": stage_kernels, "engine": stage_engine, "probes": stage_probes, "hessian": stage_hessian,
+    "study": stage_study,
 }
 
 

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STAGES = ("tests", "kernels", "engine", "probes", "study")
+STAGES = ("tests", "kernels", "engine", "probes", "hessian", "study")
 
 
 def _gpu_sh(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -102,6 +102,17 @@ def test_stage_numbers_are_sane(dry_run: tuple[subprocess.CompletedProcess[str],
     assert modes == {(m, mode) for m in ("lenet", "lenet_bn") for mode in ("none", "layered", "batched", "sequential", "auto")}
     assert "| lenet_bn | 8 |" in md
 
+    hess, md = _stage_files(out, "hessian")
+    checks = [c["name"] for c in hess["checks"]]
+    for name in ("lenet_bn", "resnet20_bn"):
+        for bn_mode in ("eval", "batch"):
+            assert f"HVP = autograd double backward [{name}, bn_mode={bn_mode}, 16 images]" in checks
+    whats = [t["what"] for t in hess["results"]["timings"]]
+    assert whats[0] == "top-1 eigenvalue (fastland)" and "curvature map, 5×5" in whats, whats
+    assert all(t["seconds"] > 0 for t in hess["results"]["timings"])
+    assert hess["results"]["curvature_map_s"] > 0  # the whole 5×5 map fits a dry run's budget
+    assert "| lenet_bn | 64 | top-1 eigenvalue (fastland) |" in md
+
     study, md = _stage_files(out, "study")
     if study["status"] == "skipped":
         assert "imagefolder" in md and "nothing was run" in md
@@ -143,6 +154,27 @@ def test_a_wrong_reference_fails_the_engine_check_by_name(tmp_path: Path, monkey
     assert "grid_s" not in case and "baseline_s_per_point" not in case  # nothing timed after a failed check
     assert data["results"]["matmul_peak_tflops"]["fp32"] > 0  # what was measured before is kept
     assert "**FAILED**" in rec.paths()[1].read_text()
+
+
+def test_a_wrong_hessian_reference_fails_its_checks_and_nothing_is_timed(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """autograd's product scaled by 1.001 (a real double backward, slightly wrong): every HVP check fails by
+    name and no Hessian timing is taken."""
+    monkeypatch.setenv("FASTLAND_BENCH_DEVICE", "cpu")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_stages
+
+    right = gpu_stages._autograd_hvp
+    monkeypatch.setattr(gpu_stages, "_autograd_hvp", lambda *a: 1.001 * right(*a))
+    monkeypatch.setattr(gpu_stages, "HESSIAN_MODELS", ("lenet_bn",))
+    rec = gpu_stages.Record("hessian", tmp_path, True, 120, "test")
+    gpu_stages.stage_hessian(rec, None)  # type: ignore[arg-type]
+    assert rec.finish() == gpu_stages.EXIT_FAILED
+    data = json.loads(rec.paths()[0].read_text())
+    failed = [c["name"] for c in data["checks"] if not c["ok"]]
+    assert failed[:2] == ["HVP = autograd double backward [lenet_bn, bn_mode=eval, 16 images]",
+                          "HVP = autograd double backward [lenet_bn, bn_mode=batch, 16 images]"], failed
+    assert "timings" not in data["results"]
 
 
 def test_a_spent_budget_ends_the_stage_incomplete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
