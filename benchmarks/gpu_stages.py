@@ -1030,6 +1030,9 @@ def stage_hessian(rec: Record, args: argparse.Namespace) -> None:
 
     # The curvature map: 21×21 (5×5 in a dry run) on the largest set, random filter-normalized directions.
     res_map, images = (5, 32) if dry else (21, 10_000)
+    if rec.left() < (20 if dry else 120):
+        rec.left_out(f"the {res_map}×{res_map} curvature map on {images:,} images (the budget ran out)")
+        return
     model, x, y = _hessian_problem(name, images, dev, 0)
     space = FlatSpace(model)
     dirs = list(directions.make(space, space.flatten(model), 2, seed=1))
