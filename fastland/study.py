@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every 4th step, 51x51 surfaces on 1,024 images (6.7 minutes on one CPU thread, measured); seed: the "
                         "seed's experiment, LeNet and VGG-16 with and without BN, 20 epochs, a probe every step (a "
                         "GPU); resnet: ResNet-20 (ResNet-56 on CUDA) with and without skip connections, each with "
-                        "and without BN (about an hour on a 2-core CPU; 20 epochs on all data on CUDA)")
+                        "and without BN (48 minutes on one thread of a 2-core CPU, measured; 20 epochs on all data on CUDA)")
     p.add_argument("--models", nargs="+", default=None, choices=models.MODELS, metavar="MODEL",
                    help=f"override the preset's models: any of {', '.join(models.MODELS)}")
     p.add_argument("--train-preset", default="seed", choices=tuple(TRAIN_PRESETS),
