@@ -82,6 +82,7 @@ TRACE_TOL = 0.05  # the trace estimate stops at a standard error of 5% of |trace
 TRACE_MIN_HVPS = 34  # Hutch++ spends 2 x 16 HVPs on its sketch, then needs 2 samples at least
 TRAJECTORY_POINTS = 24  # checkpoints along each path when the epochs alone give too few
 SIMILAR = 1.1  # two numbers within 10% of each other are called about equal in the findings
+STATS_MISFIT = 1.25  # eval-mode loss above 1.25x the batch-statistics loss: the running statistics do not fit
 OVERRIDES = ("models", "epochs", "train_samples", "probe_every", "res", "samples", "eval_samples", "hessian_samples",
              "hessian_hvps", "trajectory_res")
 
@@ -153,6 +154,10 @@ def collect(out: Path, name: str) -> dict[str, Any]:
     ev = json.loads((d / "evaluation.json").read_text())
     r: dict[str, Any] = {"train_loss": ev["train"]["loss"], "train_acc": ev["train"]["accuracy"],
                          "test_loss": ev["test"]["loss"], "test_acc": ev["test"]["accuracy"]}
+    if ev.get("train_batch_stats"):
+        r |= {"train_loss_batch": ev["train_batch_stats"]["loss"], "train_acc_batch": ev["train_batch_stats"]["accuracy"]}
+    elif "train_batch_stats" in ev:
+        r["train_loss_batch"] = None  # no BN
     r |= probe_stats(d / "train" / "metrics.csv")
     r |= flatness(surfacefile.read(d / "surface.h5"))
     r |= hessian_numbers(d / "hessian.json")
@@ -201,13 +206,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return rec if isinstance(rec, dict) else {}
 
 
-def evaluate_stage(final: Path, sets: dict[str, data_mod.EvalSet], path: Path, dev: torch.device) -> None:
-    """Loss and accuracy of the final weights on each split (eval mode), into ``evaluation.json``;
-    kept when that file already holds them for this checkpoint and these samples."""
+def evaluate_stage(final: Path, sets: dict[str, data_mod.EvalSet], path: Path, dev: torch.device,
+                   batch_size: int = 128) -> None:
+    """Loss and accuracy of the final weights on each split (eval mode), into ``evaluation.json``; for a BN
+    model also on the training split with each batch's statistics (batches of the training size,
+    ``train_batch_stats``), which says whether the running statistics fit the weights; kept when that file
+    already holds all of it for this checkpoint and these samples."""
     sha = models.sha256(final)
     old = _read_json(path)
-    if old.get("checkpoint_sha256") == sha and all(old.get(s, {}).get("data_sha256") == ev.fingerprint
-                                                   for s, ev in sets.items()):
+    if old.get("checkpoint_sha256") == sha and "train_batch_stats" in old and all(
+            old.get(s, {}).get("data_sha256") == ev.fingerprint for s, ev in sets.items()):
         print(f"kept {path}")
         return
     model, _, _ = models.load_checkpoint(final, dev)
@@ -217,6 +225,13 @@ def evaluate_stage(final: Path, sets: dict[str, data_mod.EvalSet], path: Path, d
         rec[split] = {"loss": r["loss"], "accuracy": r.get("accuracy", float("nan")), "samples": len(ev),
                       "data": ev.name or ev.source, "data_sha256": ev.fingerprint}
         print(f"{split}: loss {r['loss']:.4f}, accuracy {r.get('accuracy', float('nan')):.2f}% on {len(ev):,} images")
+    rec["train_batch_stats"] = None  # no BN: the two modes are the same
+    if models.has_batchnorm(model) and "train" in sets:
+        r = fastland.evaluate(model, sets["train"], bn_mode="batch", batch_size=batch_size, device=dev)
+        rec["train_batch_stats"] = {"loss": r["loss"], "accuracy": r.get("accuracy", float("nan")),
+                                    "batch_size": batch_size}
+        print(f"train, BN with batch statistics (batches of {batch_size}): loss {r['loss']:.4f}, accuracy "
+              f"{r.get('accuracy', float('nan')):.2f}%")
     files.write_text_atomic(path, json.dumps(rec, indent=2) + "\n")
 
 
@@ -460,7 +475,8 @@ def _run_locked(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
                            optimizer=cfg["optimizer"], momentum=float(cfg["momentum"]), seed=args.seed,
                            probe_every=int(cfg["probe_every"]), save_every=int(cfg["save_every"]),
                            samples=cfg["train_samples"], device=dev)
-        stages.run(f"{name}: evaluate", evaluate_stage, final, eval_sets, out / name / "evaluation.json", dev)
+        stages.run(f"{name}: evaluate", evaluate_stage, final, eval_sets, out / name / "evaluation.json", dev,
+                   batch_size=int(cfg["batch"]))
         model, _, meta = models.load_checkpoint(final, dev)
         attrs = {"model": name, "checkpoint": str(final), "checkpoint_sha256": models.sha256(final),
                  "checkpoint_epoch": float(meta.get("epoch", -1))}
@@ -585,6 +601,9 @@ def table(names: list[str], results: dict[str, dict[str, Any]]) -> tuple[list[st
     rows = [
         row("final train loss", lambda r: _f(r["train_loss"])),
         row("final train accuracy (%)", lambda r: _f(r["train_acc"], 3)),
+        row("final train loss / accuracy (%), BN batch statistics",
+            lambda r: "= eval (no BN)" if r.get("train_loss_batch", 0) is None else
+            f"{_f(r['train_loss_batch'])} / {_f(r['train_acc_batch'], 3)}" if "train_loss_batch" in r else "n/a"),
         row("final test loss", lambda r: _f(r["test_loss"])),
         row("final test accuracy (%)", lambda r: _f(r["test_acc"], 3)),
         row("probes recorded", lambda r: str(int(r["probes"]))),
@@ -667,6 +686,14 @@ def findings(names: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"**{n} did not learn** (final train accuracy {results[n]['train_acc']:.1f}%, chance is "
                        f"{CHANCE_ACC:.0f}%): its flat surface and small β-smoothness describe a collapsed network, so its "
                        "numbers are not evidence that its landscape is smooth.")
+    for n in names:
+        r = results[n]
+        if r.get("train_loss_batch") and r["train_loss"] > STATS_MISFIT * r["train_loss_batch"]:
+            out.append(f"**{n}'s BN running statistics do not fit its weights**: on the training images its loss is "
+                       f"{_f(r['train_loss'])} with them (eval mode) and {_f(r['train_loss_batch'])} with each batch's "
+                       f"statistics (accuracy {r['train_acc']:.1f}% against {r['train_acc_batch']:.1f}%), so its eval-mode "
+                       "surface and Hessian describe a network that training did not produce; compare the study with "
+                       "`--bn-mode batch` and the Hessian's batch-mode rows.")
     verdicts: list[str] = []
     caveats: list[str] = []
     for arch, group in _bn_pairs(names):

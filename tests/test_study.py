@@ -90,6 +90,11 @@ def test_tiny_quick_study_end_to_end_and_reuse(tiny: tuple[Path, str, str]) -> N
     assert set(results) == {"lenet", "lenet_bn"}  # the GPU runner reads {model: numbers}
     assert results["lenet"]["probes"] == 2 and np.isfinite(results["lenet_bn"]["beta_median"])
     assert "lambda_max_batch" in results["lenet_bn"] and "lambda_max_batch" not in results["lenet"]
+    ev = json.loads((out / "lenet_bn" / "evaluation.json").read_text())
+    assert ev["train_batch_stats"]["batch_size"] == 128 and ev["train_batch_stats"]["loss"] > 0
+    assert results["lenet_bn"]["train_loss_batch"] == ev["train_batch_stats"]["loss"]
+    batch_row = _table(report)["final train loss / accuracy (%), BN batch statistics"]
+    assert batch_row[0] == "= eval (no BN)" and " / " in batch_row[1], batch_row
     hess = json.loads((out / "lenet_bn" / "hessian.json").read_text())
     assert set(hess["modes"]) == {"eval", "batch"} and hess["modes"]["batch"]["trace"]["bn_mode"] == "batch"
     assert results["lenet"]["trajectory_points"] >= 3
@@ -284,3 +289,16 @@ def test_findings_flag_a_collapsed_run_and_compare_skips() -> None:
     alone = study.findings(["lenet_bn"], {"lenet_bn": _result(80, 9.0, 0.02, 0.4)})
     assert alone == ["No model here has its counterpart with (or without) BN or skip connections, so nothing is "
                      "compared; the table has each model's numbers."]
+
+
+def test_findings_flag_running_statistics_that_do_not_fit() -> None:
+    """ResNet-20-BN after 5 short epochs (docs/study-resnet): eval-mode loss 1.65 against 0.90 with batch statistics."""
+    misfit = _result(47.0, 100.0, 0.03, 4.0, 2191.0, loss=1.647) | {"train_loss_batch": 0.9017, "train_acc_batch": 67.65}
+    fits = _result(60.0, 2.0, 0.02, 1.0, 15.0, loss=0.83) | {"train_loss_batch": 0.80, "train_acc_batch": 71.0}
+    plain = _result(46.0, 74.0, 0.02, 0.6, 93.0, loss=1.47) | {"train_loss_batch": None}
+    found = study.findings(["resnet20", "resnet20_bn"], {"resnet20": plain, "resnet20_bn": misfit})
+    assert found[0].startswith("**resnet20_bn's BN running statistics do not fit its weights**: on the training images "
+                               "its loss is 1.647 with them (eval mode) and 0.9017 with each batch's statistics "
+                               "(accuracy 47.0% against 67.7%)"), found[0]
+    assert sum("do not fit" in f for f in found) == 1  # not for the model without BN
+    assert not any("do not fit" in f for f in study.findings(["lenet", "lenet_bn"], {"lenet": plain, "lenet_bn": fits}))
