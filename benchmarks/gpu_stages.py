@@ -887,28 +887,11 @@ def _hessian_problem(name: str, images: int, dev: Any, seed: int) -> tuple[Any, 
 
 
 def _autograd_hvp(model: Any, x: Any, y: Any, vecs: Any, bn_mode: str) -> Any:
-    """H v by ``torch.autograd.grad`` twice on the mean cross-entropy of one batch, on a copy whose BN modules are
-    in train mode for ``bn_mode='batch'``: the plain reference, independent of fastland's products."""
-    import copy
+    """H v by ``torch.autograd.grad`` twice on the mean cross-entropy of one batch (``hessian.reference_hvp``):
+    the plain reference, independent of fastland's products."""
+    from fastland import hessian
 
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    ref = copy.deepcopy(model).eval()
-    if bn_mode == "batch":
-        for m in ref.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(F.cross_entropy(ref(x), y), params, create_graph=True)
-    rows = []
-    for v in vecs:
-        parts = v.split([p.numel() for p in params])
-        hv = torch.autograd.grad(grads, params, [t.view(p.shape) for t, p in zip(parts, params, strict=True)],
-                                 retain_graph=True)
-        rows.append(torch.cat([h.reshape(-1) for h in hv]))
-    return torch.stack(rows)
+    return hessian.reference_hvp(model, [(x, y)], vecs, bn_mode)
 
 
 def hessian_checks(rec: Record, images: int) -> None:

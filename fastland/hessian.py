@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1162,6 +1163,32 @@ def prepare(model: nn.Module, data: Any, loss_fn: LossFn | str | None, batch_siz
 def _model_dtype(model: nn.Module) -> torch.dtype:
     p = next(model.parameters())
     return p.dtype if p.is_floating_point() else torch.float32
+
+
+def reference_hvp(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vecs: torch.Tensor,
+                  bn_mode: str = "eval", loss_fn: LossFn = F.cross_entropy
+                  ) -> torch.Tensor:
+    """The plain reference for ``HVPOperator``: ``H v`` for each row of ``vecs`` by ``torch.autograd.grad`` twice
+    on ``(1/N) Σ_b n_b loss_b`` (every parameter that requires grad, in ``parameters()`` order), on a copy whose
+    BN modules are in train mode for ``bn_mode='batch'`` (their running statistics change on the copy only).
+    Nothing is kept or batched: for tests and the GPU runner's checks."""
+    ref = copy.deepcopy(model).eval()
+    if bn_mode == "batch":
+        for m in ref.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    total = sum(x.shape[0] for x, _ in batches)
+    rows = []
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
+        loss = sum(loss_fn(ref(x), y) * (x.shape[0] / total) for x, y in batches)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for v in vecs:
+            parts = v.split([p.numel() for p in params])
+            hv = torch.autograd.grad(grads, params, [t.view(p.shape) for t, p in zip(parts, params, strict=True)],
+                                     retain_graph=True)
+            rows.append(torch.cat([h.reshape(-1) for h in hv]))
+    return torch.stack(rows)
 
 
 def operator(model: nn.Module, data: Any, loss_fn: LossFn | str | None = None, bn_mode: str = "eval",

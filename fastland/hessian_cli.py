@@ -131,10 +131,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data is not None:
         data_mod.check_spec(args.data)
     data_mod.parse_samples(args.samples)
-    args.model_args = models.parse_model_args(args.model_arg)
-    if args.model is not None and args.model not in models.MODELS and ":" not in args.model:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(models.MODELS)}, or give "
-                        "package.module:factory")
+    surface_cli.check_model_args(args)
     if args.map is not None:
         if args.trace or args.density or args.per_layer or args.params:
             raise UserError("--map computes a curvature map only; drop --trace, --density, --per-layer and --params, or "

@@ -96,6 +96,14 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Check ``add_model_args``' options before any work, and parse ``--model-arg`` into ``args.model_args``."""
+    args.model_args = models.parse_model_args(args.model_arg)
+    if args.model is not None and args.model not in models.MODELS and ":" not in args.model:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(models.MODELS)}, or give "
+                        "package.module:factory")
+
+
 def add_data_args(p: argparse.ArgumentParser, data_default: str | None = "auto", data_help: str | None = None) -> None:
     """The data options: --data, --split, --samples, --sample-seed, --loss."""
     g = p.add_argument_group("data")
@@ -191,10 +199,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_evaluation_args(args)
     data_mod.check_spec(args.data)
     data_mod.parse_samples(args.samples)
-    args.model_args = models.parse_model_args(args.model_arg)
-    if args.model is not None and args.model not in models.MODELS and ":" not in args.model:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(models.MODELS)}, or give "
-                        "package.module:factory")
+    check_model_args(args)
     files.check_memory(nx * ny * 41, f"a {nx}x{ny} grid", "use a smaller --res")
 
 

@@ -103,3 +103,28 @@ def mounted_tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def write_image_folder(root: Path, per_split: int, classes: int = 4) -> Path:
+    """An ImageFolder tree of random 32x32 PNGs (``per_split`` images per split, round-robin over ``classes``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for i in range(per_split):
+            folder = root / split / f"c{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def done_count(path: Path) -> int:
+    """Grid points a surface file marks done (0 while it is not readable yet)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f["done"][...].sum())
+    except (OSError, KeyError):
+        return 0

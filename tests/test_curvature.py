@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import one_error_line, run_cli
+from conftest import one_error_line, run_cli, write_image_folder
 from torch import nn
 
 import fastland
@@ -235,8 +235,6 @@ def frozen():
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A user's model (tinymods:Tiny, 224 parameters) with a trained-looking checkpoint, a broken one (a NaN
     weight), and a small ImageFolder."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("hcli")
     (root / "tinymods.py").write_text(TINY)
     sys.path.insert(0, str(root))
@@ -252,12 +250,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict:
         broken.fc.weight[0, 0] = float("nan")
     models.save_checkpoint(root / "nan.pt", "tinymods:Tiny", broken)
     torch.save(model.state_dict(), root / "plain.pt")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for i in range(48):
-            folder = root / "imgs" / split / f"c{i % 4}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(root / "imgs", 48)
     env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "FASTLAND_CACHE": str(root / "cache")}
     data = ["--data", f"imagefolder:{root / 'imgs'}", "--samples", "32", "--device", "cpu"]
     return {"root": root, "env": env, "data": data, "model": model}

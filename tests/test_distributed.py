@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import done_count, run_main, write_image_folder
 
 import fastland
 from fastland import api, distributed, models, surface
@@ -40,16 +40,9 @@ TIMEOUT = 120  # seconds for any one launch (a hang fails the test instead of th
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint and a tiny ImageFolder (real PNGs, decoded once into a shared cache)."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("dist")
     models.save_checkpoint(root / "ck.pt", "lenet_bn", models.randomized("lenet_bn", 0))
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for i in range(96):
-            folder = root / "imgs" / split / f"c{i % 4}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(root / "imgs", 96)
     return root
 
 
@@ -91,14 +84,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def done_count(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f["done"][...].sum())
-    except (OSError, KeyError):
-        return 0
 
 
 def wait_for(path: Path, at_least: int, proc: subprocess.Popen) -> int:

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import error_lines, mounted_tmpfs, one_error_line, run_cli
+from conftest import done_count, error_lines, mounted_tmpfs, one_error_line, run_cli
 from torch import nn
 
 import fastland
@@ -118,14 +118,6 @@ def wait_for(what: Callable[[], bool], p: subprocess.Popen, timeout: float = 300
         assert p.poll() is None, f"the process ended (exit {p.returncode}) before the moment the test waits for"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-
-
-def done_count(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return int(f["done"][...].sum())
-    except (OSError, KeyError):
-        return 0
 
 
 def datasets(path: Path) -> dict[str, np.ndarray]:

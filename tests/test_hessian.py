@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastland import hessian, models
 from fastland.errors import UserError
@@ -99,24 +98,8 @@ def _case(name: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 # --- the reference: double backward on the mean loss ----------------------------------------
 def autograd_hvp(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], vecs: torch.Tensor,
                  bn_mode: str, loss_fn=F.cross_entropy) -> torch.Tensor:  # noqa: ANN001
-    """H v by ``torch.autograd.grad`` twice on ``(1/N) Σ_b n_b loss_b``, on a copy whose BN modules
-    are in train mode for ``bn_mode='batch'`` (their running statistics change on the copy only)."""
-    ref = copy.deepcopy(model).eval()
-    if bn_mode == "batch":
-        for m in ref.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    total = sum(x.shape[0] for x, _ in batches)
-    rows = []
-    with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
-        loss = sum(loss_fn(ref(x), y) * (x.shape[0] / total) for x, y in batches)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        for v in vecs:
-            parts = list(v.split([p.numel() for p in params]))
-            hv = torch.autograd.grad(grads, params, [t.view(p.shape) for t, p in zip(parts, params, strict=True)], retain_graph=True)
-            rows.append(torch.cat([h.reshape(-1) for h in hv]))
-    return torch.stack(rows)
+    """H v by double backward on the mean loss: ``hessian.reference_hvp``, nothing of the operator's paths."""
+    return hessian.reference_hvp(model, batches, vecs, bn_mode, loss_fn)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
